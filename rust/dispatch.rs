@@ -1,0 +1,197 @@
+//! Events from the I/O threads to the application thread, in batches.
+//!
+//! I/O threads never run application code: they append events to one queue, a
+//! whole read's worth of packets under one lock. The application thread takes
+//! everything queued in one swap and runs the callbacks (in Python: one GIL
+//! acquisition for the whole batch). Each session's events are appended by that
+//! session's own task, so a single queue keeps them in order: `Connected`
+//! first, packets in arrival order, `Disconnected` last.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::reason::DisconnectReason;
+use crate::session::{SessionHandle, SessionId};
+
+pub enum Event {
+    /// A new session; the first event of every session.
+    Connected(Arc<SessionHandle>),
+    /// One whole, checked packet (packet framing).
+    Packet { session: SessionId, packet_id: u16, payload: Bytes },
+    /// Bytes as they came off the socket (raw framing).
+    Received { session: SessionId, data: Bytes },
+    /// A write handed `nbytes` to the kernel (only when asked for).
+    Sent { session: SessionId, nbytes: usize },
+    /// The last event of every session, after its socket is closed.
+    Disconnected { session: SessionId, reason: DisconnectReason },
+}
+
+impl Event {
+    pub fn session_id(&self) -> SessionId {
+        match self {
+            Event::Connected(handle) => handle.id(),
+            Event::Packet { session, .. }
+            | Event::Received { session, .. }
+            | Event::Sent { session, .. }
+            | Event::Disconnected { session, .. } => *session,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct EventQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    events: Vec<Event>,
+    /// The consumer is blocked in `wait`: only then does a push pay for a wakeup.
+    waiting: bool,
+    /// Set by `interrupt` to end one `wait` early.
+    interrupted: bool,
+}
+
+impl EventQueue {
+    pub fn push(&self, event: Event) {
+        let mut state = self.lock();
+        state.events.push(event);
+        self.wake_consumer(state);
+    }
+
+    /// Appends a batch (emptying `events`) under one lock.
+    pub fn push_all(&self, events: &mut Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        if state.events.is_empty() {
+            std::mem::swap(&mut state.events, events);
+        } else {
+            state.events.append(events);
+        }
+        self.wake_consumer(state);
+    }
+
+    /// Waits until events are queued or `timeout` passes (`None`: no limit), then
+    /// moves all of them to the end of `out`. Returns how many were moved.
+    pub fn wait(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        while state.events.is_empty() && !state.interrupted {
+            state.waiting = true;
+            state = match deadline {
+                None => self.ready.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    self.ready.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
+        }
+        state.waiting = false;
+        state.interrupted = false;
+        let moved = state.events.len();
+        if out.is_empty() {
+            std::mem::swap(&mut state.events, out);
+        } else {
+            out.append(&mut state.events);
+        }
+        moved
+    }
+
+    /// Ends the consumer's current (or next) `wait` even if nothing is queued.
+    pub fn interrupt(&self) {
+        let mut state = self.lock();
+        state.interrupted = true;
+        state.waiting = false;
+        drop(state);
+        self.ready.notify_all();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn wake_consumer(&self, mut state: std::sync::MutexGuard<'_, QueueState>) {
+        if state.waiting {
+            state.waiting = false;
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn sent(session: u64) -> Event {
+        Event::Sent { session: SessionId(session), nbytes: 1 }
+    }
+
+    #[test]
+    fn wait_returns_everything_queued_in_order() {
+        let queue = EventQueue::default();
+        queue.push(sent(1));
+        queue.push_all(&mut vec![sent(2), sent(3)]);
+        let mut out = Vec::new();
+        assert_eq!(queue.wait(Some(Duration::ZERO), &mut out), 3);
+        let ids: Vec<u64> = out.iter().map(|e| e.session_id().0).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn wait_gives_up_at_the_timeout() {
+        let queue = EventQueue::default();
+        let started = Instant::now();
+        assert_eq!(queue.wait(Some(Duration::from_millis(50)), &mut Vec::new()), 0);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_push_from_another_thread_wakes_the_waiting_consumer() {
+        let queue = Arc::new(EventQueue::default());
+        let producer = {
+            let queue = queue.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                queue.push(sent(7));
+            })
+        };
+        let mut out = Vec::new();
+        assert_eq!(queue.wait(Some(Duration::from_secs(5)), &mut out), 1);
+        producer.join().unwrap();
+    }
+
+    #[test]
+    fn interrupt_ends_a_wait_without_events() {
+        let queue = Arc::new(EventQueue::default());
+        let interrupter = {
+            let queue = queue.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                queue.interrupt();
+            })
+        };
+        let started = Instant::now();
+        assert_eq!(queue.wait(None, &mut Vec::new()), 0);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        interrupter.join().unwrap();
+    }
+}

@@ -1,0 +1,153 @@
+//! The lecture's `RecvBuffer`: bytes read from a socket and not yet consumed.
+//!
+//! Reads append at the back; whoever parses takes whole packets off the front
+//! (`OnRead(n)`) and the rest stays for the next read. Taking is
+//! `BytesMut::split_to().freeze()`: the packet keeps sharing the buffer's memory on
+//! its way to the Python thread, so nothing is copied between the socket and the
+//! single copy into a Python `bytes`. The next `reserve` compacts: it reuses the
+//! memory once every handed-out packet is gone, or moves the unconsumed tail into a
+//! fresh allocation while they are still in flight.
+//!
+//! A buffer that has never been read into holds no memory, which keeps idle
+//! sessions small.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+
+/// Bytes asked of the socket per read when no partial packet needs more.
+pub const DEFAULT_READ_SIZE: usize = 8 * 1024;
+
+#[derive(Debug)]
+pub struct RecvBuffer {
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl RecvBuffer {
+    pub fn new(read_size: usize) -> Self {
+        Self { buf: BytesMut::new(), read_size: read_size.max(1) }
+    }
+
+    /// The received bytes not yet taken.
+    pub fn unread(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Reads once into the free space, making room for at least `want` more bytes
+    /// (or the default read size, whichever is larger). `read` is a non-blocking
+    /// read such as `TcpStream::try_read_buf`; its result is returned as is, so
+    /// `Ok(0)` still means end of stream.
+    pub fn read_with(
+        &mut self,
+        want: usize,
+        read: impl FnOnce(&mut BytesMut) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        self.buf.reserve(want.max(self.read_size));
+        read(&mut self.buf)
+    }
+
+    /// Appends bytes (used by tests and by in-memory parsing).
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Consumes the first `n` unread bytes and hands them out without copying.
+    ///
+    /// # Panics
+    /// If `n` is more than [`len`](Self::len).
+    pub fn take(&mut self, n: usize) -> Bytes {
+        self.buf.split_to(n).freeze()
+    }
+
+    /// Drops the memory of an empty buffer, so that a session that has gone quiet
+    /// does not keep a read-sized allocation alive.
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    #[test]
+    fn a_new_buffer_holds_no_memory() {
+        let buf = RecvBuffer::new(DEFAULT_READ_SIZE);
+        assert_eq!(buf.capacity(), 0);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_read_gets_at_least_the_read_size_or_what_is_wanted() {
+        let mut buf = RecvBuffer::new(64);
+        let mut offered = 0;
+        buf.read_with(10, |b| {
+            offered = b.capacity() - b.len();
+            b.put_slice(b"abc");
+            Ok(3)
+        })
+        .unwrap();
+        assert!(offered >= 64);
+        buf.read_with(1000, |b| {
+            offered = b.capacity() - b.len();
+            Ok(0)
+        })
+        .unwrap();
+        assert!(offered >= 1000);
+        assert_eq!(buf.unread(), b"abc");
+    }
+
+    #[test]
+    fn taking_keeps_the_rest_for_the_next_read() {
+        let mut buf = RecvBuffer::new(16);
+        buf.extend_from_slice(b"hello world");
+        assert_eq!(&buf.take(6)[..], b"hello ");
+        assert_eq!(buf.unread(), b"world");
+        buf.extend_from_slice(b"!");
+        assert_eq!(buf.unread(), b"world!");
+    }
+
+    #[test]
+    fn taken_bytes_survive_later_reads_into_the_same_buffer() {
+        let mut buf = RecvBuffer::new(8);
+        buf.extend_from_slice(b"first");
+        let first = buf.take(5);
+        for _ in 0..100 {
+            buf.read_with(8, |b| {
+                b.put_slice(b"xxxxxxxx");
+                Ok(8)
+            })
+            .unwrap();
+            buf.take(8);
+        }
+        assert_eq!(&first[..], b"first");
+    }
+
+    #[test]
+    fn an_empty_buffer_can_give_its_memory_back() {
+        let mut buf = RecvBuffer::new(1024);
+        buf.extend_from_slice(b"abcd");
+        buf.take(4);
+        buf.release_if_empty();
+        assert_eq!(buf.capacity(), 0);
+        buf.extend_from_slice(b"x");
+        buf.release_if_empty();
+        assert_eq!(buf.unread(), b"x");
+    }
+}

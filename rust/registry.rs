@@ -1,0 +1,123 @@
+//! The lecture's `SessionManager`: every open session of a service, and the
+//! broadcast over them.
+//!
+//! Broadcast holds the lock for the whole fan-out; sessions that arrive or leave
+//! on I/O threads wait for it rather than change the set under it (the lecture's
+//! crash was a session erased from the set that Broadcast was iterating). No
+//! application code can run inside a broadcast: a full queue or a closed session
+//! is recorded on that session and reported later, through its own events.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use tokio::sync::Notify;
+
+use crate::reason::DisconnectReason;
+use crate::send_queue::Push;
+use crate::session::{SessionHandle, SessionId};
+
+#[derive(Default)]
+pub struct SessionRegistry {
+    state: Mutex<RegistryState>,
+    emptied: Notify,
+}
+
+#[derive(Default)]
+struct RegistryState {
+    sessions: FxHashMap<SessionId, Arc<SessionHandle>>,
+    /// Set when the service stops: no session may join after it.
+    closed_with: Option<DisconnectReason>,
+}
+
+/// What one broadcast did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BroadcastOutcome {
+    /// Sessions the packet was queued on.
+    pub queued: usize,
+    /// Sessions whose queue was full: they are now disconnecting.
+    pub overflowed: usize,
+}
+
+impl SessionRegistry {
+    /// Adds a session; refused once the service is stopping.
+    pub fn insert(&self, handle: Arc<SessionHandle>) -> bool {
+        let mut state = self.lock();
+        if state.closed_with.is_some() {
+            return false;
+        }
+        state.sessions.insert(handle.id(), handle);
+        true
+    }
+
+    pub fn remove(&self, id: SessionId) {
+        let mut state = self.lock();
+        state.sessions.remove(&id);
+        if state.sessions.is_empty() {
+            drop(state);
+            self.emptied.notify_waiters();
+        }
+    }
+
+    pub fn get(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
+        self.lock().sessions.get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues one shared packet on every session the application has been told
+    /// of (`Connected` delivered), except `exclude`.
+    pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
+        let mut outcome = BroadcastOutcome::default();
+        let state = self.lock();
+        for (id, handle) in &state.sessions {
+            if Some(*id) == exclude || !handle.is_announced() {
+                continue;
+            }
+            match handle.enqueue(packet.clone()) {
+                Push::Queued => outcome.queued += 1,
+                Push::Full => outcome.overflowed += 1,
+                Push::Closed => {}
+            }
+        }
+        outcome
+    }
+
+    /// Refuses new sessions from now on and asks every open one to close.
+    pub fn close_all(&self, reason: DisconnectReason) {
+        let handles: Vec<Arc<SessionHandle>> = {
+            let mut state = self.lock();
+            state.closed_with.get_or_insert(reason);
+            state.sessions.values().cloned().collect()
+        };
+        for handle in handles {
+            handle.close(reason);
+        }
+    }
+
+    pub fn closed_with(&self) -> Option<DisconnectReason> {
+        self.lock().closed_with
+    }
+
+    /// Resolves once no session is left.
+    pub async fn emptied(&self) {
+        loop {
+            // Created before the check, so a removal in between is not missed.
+            let emptied = self.emptied.notified();
+            if self.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RegistryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,325 @@
+//! A service is what a `Server` or a `Client` runs on: a tokio runtime, the
+//! registry of its sessions, the event queue to the application, and counters.
+//! The server adds an accept loop; the client connects N sessions.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+
+use crate::config::{ServiceConfig, SessionConfig};
+use crate::dispatch::{Event, EventQueue};
+use crate::registry::{BroadcastOutcome, SessionRegistry};
+use crate::send_buffer::SendBufferPool;
+use crate::session::{self, SessionHandle, SessionId};
+use crate::stats::{ServiceStats, StatsSnapshot};
+
+/// What the runtime's tasks and the application share.
+pub struct ServiceShared {
+    pub config: ServiceConfig,
+    pub stats: ServiceStats,
+    pub events: EventQueue,
+    pub registry: SessionRegistry,
+    pub pool: &'static SendBufferPool,
+    next_id: AtomicU64,
+}
+
+impl ServiceShared {
+    /// Registers a connected socket and starts its driver. A stopping service, or
+    /// one at `max_sessions`, closes it instead.
+    fn start_session(self: &Arc<Self>, runtime: &tokio::runtime::Handle, stream: TcpStream, peer: SocketAddr) -> bool {
+        if let Err(error) = configure_socket(&stream, &self.config.session) {
+            log::debug!(target: "servercore", "{peer}: socket options not applied: {error}");
+        }
+        let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let handle = Arc::new(SessionHandle::new(id, peer, self.clone()));
+        if !self.registry.insert(handle.clone()) {
+            return false;
+        }
+        runtime.spawn(session::drive(stream, handle));
+        true
+    }
+}
+
+/// The part of a server or client that does not depend on which it is.
+pub struct Service {
+    shared: Arc<ServiceShared>,
+    runtime: Option<Runtime>,
+    accept_task: Option<JoinHandle<()>>,
+}
+
+impl Service {
+    fn new(config: ServiceConfig, role: &str) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.io_threads.max(1))
+            .thread_name(format!("servercore-{role}-io"))
+            .enable_all()
+            .build()?;
+        let shared = Arc::new(ServiceShared {
+            config,
+            stats: ServiceStats::default(),
+            events: EventQueue::default(),
+            registry: SessionRegistry::default(),
+            pool: SendBufferPool::global(),
+            next_id: AtomicU64::new(1),
+        });
+        Ok(Self { shared, runtime: Some(runtime), accept_task: None })
+    }
+
+    pub fn shared(&self) -> &Arc<ServiceShared> {
+        &self.shared
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.shared.config
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.runtime.is_some()
+    }
+
+    /// Queues one encoded packet on every announced session (but `exclude`).
+    pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
+        let outcome = self.shared.registry.broadcast(packet, exclude);
+        self.shared.stats.send_queue_bytes.fetch_add(outcome.queued * packet.len(), Ordering::Relaxed);
+        outcome
+    }
+
+    pub fn session(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
+        self.shared.registry.get(id)
+    }
+
+    /// Waits up to `timeout` for events and appends them to `out`.
+    pub fn wait_events(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
+        self.shared.events.wait(timeout, out)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot(self.shared.registry.len(), self.shared.events.len(), self.shared.pool.stats())
+    }
+
+    /// Stops the service: no new sessions; every open one is closed with
+    /// `reason` (flushing, bounded by the linger); waits until each has reported
+    /// its `Disconnected` event; then ends the I/O threads. Idempotent.
+    pub fn shutdown(&mut self, reason: crate::reason::DisconnectReason) {
+        let Some(runtime) = self.runtime.take() else { return };
+        if let Some(accept) = self.accept_task.take() {
+            accept.abort();
+        }
+        self.shared.registry.close_all(reason);
+        let grace = self.shared.config.session.linger + Duration::from_secs(1);
+        let registry = &self.shared.registry;
+        let drained = runtime.block_on(async { tokio::time::timeout(grace, registry.emptied()).await.is_ok() });
+        if !drained {
+            log::warn!(
+                target: "servercore",
+                "{} sessions still closing after {:.1}s; cutting them off",
+                registry.len(),
+                grace.as_secs_f64()
+            );
+        }
+        // Tasks still running are dropped here; each one's farewell reports it.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.shutdown(crate::reason::DisconnectReason::ServerShutdown);
+    }
+}
+
+/// A listening service: the lecture's `ServerService`.
+pub struct Server {
+    service: Service,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port) and starts accepting.
+    pub fn listen(config: ServiceConfig, addr: SocketAddr) -> io::Result<Self> {
+        let mut service = Service::new(config, "server")?;
+        let listener = bind(addr, service.config().backlog)?;
+        let local_addr = listener.local_addr()?;
+        let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
+        let shared = service.shared.clone();
+        service.accept_task = Some(runtime.spawn(accept_loop(listener, shared, runtime.clone())));
+        Ok(Self { service, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    pub fn service_mut(&mut self) -> &mut Service {
+        &mut self.service
+    }
+}
+
+/// A connecting service: the lecture's `ClientService` (the DummyClient's N sessions).
+pub struct Client {
+    service: Service,
+}
+
+/// How a client's connection attempts went.
+#[derive(Debug, Default)]
+pub struct ConnectReport {
+    pub connected: usize,
+    pub failed: usize,
+    pub first_error: Option<io::Error>,
+}
+
+impl Client {
+    /// Opens `count` sessions to `addr`, all at once, and returns when every
+    /// attempt has connected or failed (each bounded by `connect_timeout`).
+    pub fn connect(config: ServiceConfig, addr: SocketAddr, count: usize) -> io::Result<(Self, ConnectReport)> {
+        let service = Service::new(config, "client")?;
+        let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
+        let shared = service.shared.clone();
+        let timeout = shared.config.connect_timeout;
+        let report = runtime.block_on(async {
+            let mut attempts = tokio::task::JoinSet::new();
+            for _ in 0..count {
+                attempts.spawn(async move {
+                    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no connection within connect_timeout {:.1}s", timeout.as_secs_f64()),
+                        )),
+                    }
+                });
+            }
+            let mut report = ConnectReport::default();
+            while let Some(attempt) = attempts.join_next().await {
+                match attempt.map_err(io::Error::other).and_then(|r| r) {
+                    Ok(stream) => {
+                        let peer = stream.peer_addr().unwrap_or(addr);
+                        if shared.start_session(&runtime, stream, peer) {
+                            report.connected += 1;
+                        }
+                    }
+                    Err(error) => {
+                        report.failed += 1;
+                        report.first_error.get_or_insert(error);
+                    }
+                }
+            }
+            report
+        });
+        ServiceStats::add(&service.shared.stats.connected, report.connected as u64);
+        ServiceStats::add(&service.shared.stats.connect_failed, report.failed as u64);
+        Ok((Self { service }, report))
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    pub fn service_mut(&mut self) -> &mut Service {
+        &mut self.service
+    }
+}
+
+fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restarted server must not wait out the old one's TIME_WAIT sockets.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+fn configure_socket(stream: &TcpStream, config: &SessionConfig) -> io::Result<()> {
+    stream.set_nodelay(config.nodelay)?;
+    if let Some(keepalive) = config.keepalive {
+        let params = TcpKeepalive::new()
+            .with_time(keepalive.idle)
+            .with_interval(keepalive.interval)
+            .with_retries(keepalive.retries);
+        SockRef::from(stream).set_tcp_keepalive(&params)?;
+    }
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<ServiceShared>, runtime: tokio::runtime::Handle) {
+    let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
+    let mut rejected = ThrottledLog::new(Duration::from_secs(5));
+    let mut backoff = Duration::ZERO;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let max_sessions = shared.config.max_sessions;
+                if shared.registry.len() >= max_sessions {
+                    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    rejected.warn(|suppressed| {
+                        format!("{peer}: refused, max_sessions {max_sessions} reached{suppressed}")
+                    });
+                    drop(stream);
+                    continue;
+                }
+                shared.start_session(&runtime, stream, peer);
+            }
+            Err(error) if is_out_of_resources(&error) => {
+                // The pending connection stays in the backlog; retrying at once
+                // would spin a core until a descriptor frees up.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                exhausted.warn(|suppressed| {
+                    format!("accept failed: {error}; retrying in {} ms{suppressed}", backoff.as_millis())
+                });
+                tokio::time::sleep(backoff).await;
+            }
+            // The connection died in the backlog (ECONNABORTED and kin): next one.
+            Err(_) => {}
+        }
+    }
+}
+
+fn is_out_of_resources(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// At most one log line per period; the lines held back are counted in the next.
+struct ThrottledLog {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ThrottledLog {
+    fn new(period: Duration) -> Self {
+        Self { period, last: None, suppressed: 0 }
+    }
+
+    fn warn(&mut self, message: impl FnOnce(String) -> String) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < self.period) {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = match std::mem::take(&mut self.suppressed) {
+            0 => String::new(),
+            n => format!(" ({n} more like this since the last report)"),
+        };
+        self.last = Some(now);
+        log::warn!(target: "servercore", "{}", message(suppressed));
+    }
+}

@@ -1,0 +1,659 @@
+//! One connection: its handle, shared with the application, and its driver, the
+//! tokio task that owns the socket.
+//!
+//! The driver is a single task per connection that waits on whichever of these
+//! comes first: the socket is readable (read, check headers, cut packets, queue
+//! events), the socket is writable or the send queue was woken (one gathered
+//! write of everything queued), the application caught up with a paused reader,
+//! or a deadline passed (packet timeout, idle timeout). It never runs
+//! application code and never blocks, so a hostile or stalled peer costs its own
+//! task and nothing else.
+//!
+//! However the task ends (a returned reason, a shutdown that drops it, a panic),
+//! the socket is closed first and then exactly one `Disconnected` event is queued:
+//! that order is fixed by the field order of [`Connection`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::{Buf, Bytes};
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::config::Framing;
+use crate::dispatch::Event;
+use crate::frame::{self, FrameError, HEADER_SIZE};
+use crate::reason::DisconnectReason;
+use crate::recv_buffer::RecvBuffer;
+use crate::send_queue::{Push, SendQueue};
+use crate::service::ServiceShared;
+use crate::stats::ServiceStats;
+
+/// A session's number, unique within its service, counting from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Event bookkeeping per received packet, on top of its bytes, when weighing how
+/// much a session has waiting for the application.
+const EVENT_OVERHEAD: usize = 64;
+
+/// At most this many slices per gathered write (Linux's `IOV_MAX` is 1024).
+const MAX_WRITE_SLICES: usize = 256;
+
+/// A read turn stops after this many bytes so one flooding peer yields its thread.
+const READ_TURN_BYTES: usize = 64 * 1024;
+
+/// The application's side of a session: send, close, ask.
+pub struct SessionHandle {
+    id: SessionId,
+    peer: SocketAddr,
+    queue: SendQueue,
+    inbound: InboundBacklog,
+    /// `Connected` has been delivered: broadcasts reach this session from now on.
+    announced: AtomicBool,
+    /// The application closed this session: what it sent after that is dropped.
+    delivery_stopped: AtomicBool,
+    service: Arc<ServiceShared>,
+}
+
+impl SessionHandle {
+    pub(crate) fn new(id: SessionId, peer: SocketAddr, service: Arc<ServiceShared>) -> Self {
+        let inbound = InboundBacklog::new(service.config.session.max_pending_recv_bytes);
+        Self {
+            id,
+            peer,
+            queue: SendQueue::default(),
+            inbound,
+            announced: AtomicBool::new(false),
+            delivery_stopped: AtomicBool::new(false),
+            service,
+        }
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Open: not closing and not closed.
+    pub fn is_connected(&self) -> bool {
+        self.queue.is_open()
+    }
+
+    /// Why the session is closing or closed, once it is.
+    pub fn close_reason(&self) -> Option<DisconnectReason> {
+        self.queue.close_reason()
+    }
+
+    /// The largest packet this service sends or accepts, header included.
+    pub fn max_packet_size(&self) -> usize {
+        self.service.config.max_packet_size()
+    }
+
+    /// Queues an encoded packet. Never blocks and never waits for the socket.
+    pub fn send(&self, packet: Bytes) -> Push {
+        let len = packet.len();
+        let outcome = self.enqueue(packet);
+        if outcome == Push::Queued {
+            self.service.stats.send_queue_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// [`send`](Self::send) without the service-wide byte count, which a
+    /// broadcast adds once for all its recipients.
+    pub(crate) fn enqueue(&self, packet: Bytes) -> Push {
+        self.queue.push(packet, self.service.config.session.max_send_queue_bytes)
+    }
+
+    /// Closes the session from the application's side: what was queued before
+    /// is flushed (bounded by the linger), later sends are refused, and input
+    /// that has not been delivered yet is dropped. Idempotent; returns whether
+    /// this call was the one that closed it.
+    pub fn close(&self, reason: DisconnectReason) -> bool {
+        self.delivery_stopped.store(true, Ordering::Release);
+        self.queue.request_close(reason)
+    }
+
+    /// Whether events from the peer should still reach the application.
+    pub fn delivers(&self) -> bool {
+        !self.delivery_stopped.load(Ordering::Acquire)
+    }
+
+    pub fn is_announced(&self) -> bool {
+        self.announced.load(Ordering::Acquire)
+    }
+
+    /// Called by the consumer when it delivers `Connected`.
+    pub fn mark_announced(&self) {
+        self.announced.store(true, Ordering::Release);
+    }
+
+    /// Called by the consumer after it has delivered (or dropped) a received
+    /// packet or chunk of `len` bytes, so a paused reader can go on.
+    pub fn release_received(&self, len: usize) {
+        let weight = len + EVENT_OVERHEAD;
+        self.inbound.release(weight);
+        self.service.stats.pending_recv_bytes.fetch_sub(weight, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionHandle").field("id", &self.id).field("peer", &self.peer).finish()
+    }
+}
+
+/// Received bytes the application has not consumed yet. Past the limit the
+/// reader stops reading, and TCP's own window makes the peer wait.
+struct InboundBacklog {
+    pending: AtomicUsize,
+    limit: usize,
+    resumed: Notify,
+}
+
+impl InboundBacklog {
+    fn new(limit: usize) -> Self {
+        Self { pending: AtomicUsize::new(0), limit: limit.max(1), resumed: Notify::new() }
+    }
+
+    fn add(&self, weight: usize) {
+        self.pending.fetch_add(weight, Ordering::AcqRel);
+    }
+
+    fn is_full(&self) -> bool {
+        self.pending.load(Ordering::Acquire) >= self.limit
+    }
+
+    fn release(&self, weight: usize) {
+        let before = self.pending.fetch_sub(weight, Ordering::AcqRel);
+        if before >= self.limit && before - weight < self.limit {
+            self.resumed.notify_one();
+        }
+    }
+}
+
+/// Runs a connection until it closes; then reports it. Spawned once per socket.
+pub(crate) async fn drive(stream: TcpStream, handle: Arc<SessionHandle>) {
+    let service = handle.service.clone();
+    service.events.push(Event::Connected(handle.clone()));
+    let mut connection = Connection::new(stream, handle);
+    let reason = connection.serve().await;
+    connection.finish(reason).await;
+}
+
+/// Why the serve loop stopped, with what a log line needs.
+struct Stop {
+    reason: DisconnectReason,
+    detail: Option<String>,
+}
+
+impl Stop {
+    fn new(reason: DisconnectReason, detail: impl Into<String>) -> Self {
+        Self { reason, detail: Some(detail.into()) }
+    }
+
+    fn io(error: &io::Error) -> Self {
+        Self::new(DisconnectReason::Reset, error.to_string())
+    }
+
+    fn frame(error: FrameError) -> Self {
+        let reason = match error {
+            FrameError::SizeBelowHeader { .. } => DisconnectReason::InvalidHeader,
+            FrameError::TooLarge { .. } => DisconnectReason::PacketTooLarge,
+            FrameError::UnknownId { .. } => DisconnectReason::UnknownPacketId,
+        };
+        Self::new(reason, error.to_string())
+    }
+}
+
+struct Connection {
+    // Field order matters: `stream` is dropped, and the socket closed, before
+    // `farewell` reports the disconnect.
+    stream: TcpStream,
+    recv: RecvBuffer,
+    /// Packets taken from the send queue and not yet fully written.
+    in_flight: VecDeque<Bytes>,
+    /// Events cut from the current read, queued in one batch.
+    batch: Vec<Event>,
+    /// When the first byte of the current incomplete packet arrived.
+    packet_started: Option<Instant>,
+    last_received: Instant,
+    rate_window: RateWindow,
+    timer: Pin<Box<Sleep>>,
+    timer_armed: bool,
+    farewell: Farewell,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, handle: Arc<SessionHandle>) -> Self {
+        let now = Instant::now();
+        let read_size = handle.service.config.session.read_size;
+        Self {
+            stream,
+            recv: RecvBuffer::new(read_size),
+            in_flight: VecDeque::new(),
+            batch: Vec::new(),
+            packet_started: None,
+            last_received: now,
+            rate_window: RateWindow::new(now),
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer_armed: false,
+            farewell: Farewell { handle, detail: None, reported: false },
+        }
+    }
+
+    fn handle(&self) -> &SessionHandle {
+        &self.farewell.handle
+    }
+
+    /// The loop of a healthy session. Returns why it stopped.
+    async fn serve(&mut self) -> Stop {
+        loop {
+            if let Some(reason) = self.handle().queue.close_reason() {
+                return Stop { reason, detail: None };
+            }
+            let paused = self.handle().inbound.is_full();
+            let want_write = !self.in_flight.is_empty();
+            let interest = match (paused, want_write) {
+                (false, false) => Interest::READABLE,
+                (false, true) => Interest::READABLE | Interest::WRITABLE,
+                (true, true) => Interest::WRITABLE,
+                (true, false) => Interest::ERROR,
+            };
+            self.arm_timer();
+            let handle = self.farewell.handle.clone();
+            let step = tokio::select! {
+                biased;
+                () = handle.queue.woken() => self.flush(),
+                ready = self.stream.ready(interest) => match ready {
+                    Ok(ready) => {
+                        let mut step = Ok(());
+                        if ready.is_writable() && want_write {
+                            step = self.flush();
+                        }
+                        if step.is_ok() && !paused && (ready.is_readable() || ready.is_read_closed()) {
+                            step = self.read();
+                        }
+                        if step.is_ok() && ready.is_error() {
+                            step = Err(self.socket_error());
+                        }
+                        step
+                    }
+                    Err(error) => Err(Stop::io(&error)),
+                },
+                () = handle.inbound.resumed.notified(), if paused => Ok(()),
+                () = self.timer.as_mut(), if self.timer_armed => {
+                    self.timer_armed = false;
+                    self.check_deadlines()
+                }
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+        }
+    }
+
+    /// Reads what the socket has (up to a turn's worth), cuts it into events and
+    /// queues them in one batch.
+    fn read(&mut self) -> Result<(), Stop> {
+        let mut turn = 0;
+        let outcome = loop {
+            let want = self.bytes_wanted();
+            let stream = &self.stream;
+            match self.recv.read_with(want, |buf| stream.try_read_buf(buf)) {
+                Ok(0) => {
+                    let detail = match self.recv.len() {
+                        0 => None,
+                        n => Some(format!("closed with {n} bytes of an incomplete packet")),
+                    };
+                    break Err(Stop { reason: DisconnectReason::ClosedByPeer, detail });
+                }
+                Ok(n) => {
+                    turn += n;
+                    ServiceStats::add(&self.handle().service.stats.bytes_in, n as u64);
+                    self.last_received = Instant::now();
+                    if let Err(stop) = self.cut_events() {
+                        break Err(stop);
+                    }
+                    if turn >= READ_TURN_BYTES || self.handle().inbound.is_full() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(Stop::io(&e)),
+            }
+        };
+        self.queue_batch();
+        outcome
+    }
+
+    /// Bytes the packet at the front still needs, so one read can complete it.
+    fn bytes_wanted(&self) -> usize {
+        let unread = self.recv.unread();
+        match unread.first_chunk::<2>() {
+            Some(size) => usize::from(u16::from_le_bytes(*size)).saturating_sub(unread.len()),
+            None => 0,
+        }
+    }
+
+    fn cut_events(&mut self) -> Result<(), Stop> {
+        let session = self.handle().id;
+        let config = &self.farewell.handle.service.config.session;
+        match config.framing {
+            Framing::Raw => {
+                let len = self.recv.len();
+                let data = self.recv.take(len);
+                self.farewell.handle.inbound.add(len + EVENT_OVERHEAD);
+                self.farewell.handle.service.stats.pending_recv_bytes.fetch_add(len + EVENT_OVERHEAD, Ordering::Relaxed);
+                self.batch.push(Event::Received { session, data });
+                return Ok(());
+            }
+            Framing::Packets => {}
+        }
+        let mut packets = 0u64;
+        let mut weight = 0usize;
+        let result = loop {
+            match frame::check(self.recv.unread(), &config.frame_limits) {
+                Ok(Some(header)) => {
+                    let mut payload = self.recv.take(header.size);
+                    payload.advance(HEADER_SIZE);
+                    packets += 1;
+                    weight += header.payload_len() + EVENT_OVERHEAD;
+                    self.batch.push(Event::Packet { session, packet_id: header.id, payload });
+                }
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(Stop::frame(error)),
+            }
+        };
+        let handle = &self.farewell.handle;
+        handle.inbound.add(weight);
+        handle.service.stats.pending_recv_bytes.fetch_add(weight, Ordering::Relaxed);
+        ServiceStats::add(&handle.service.stats.packets_in, packets);
+        if let Some(limit) = config.max_packets_per_second {
+            if let Err(count) = self.rate_window.count(packets, limit, Instant::now()) {
+                return Err(Stop::new(
+                    DisconnectReason::RateLimited,
+                    format!("{count} packets within one second, max_packets_per_second {limit}"),
+                ));
+            }
+        }
+        // The slowloris deadline runs from the first byte of a packet and is not
+        // moved by the bytes that dribble in after it.
+        if self.recv.is_empty() {
+            self.packet_started = None;
+        } else if packets > 0 || self.packet_started.is_none() {
+            self.packet_started = Some(Instant::now());
+        }
+        result
+    }
+
+    fn queue_batch(&mut self) {
+        self.farewell.handle.service.events.push_all(&mut self.batch);
+    }
+
+    /// Writes everything queued, in gathered writes, until the queue is empty or
+    /// the socket is full.
+    fn flush(&mut self) -> Result<(), Stop> {
+        let handle = self.farewell.handle.clone();
+        let stats = &handle.service.stats;
+        let mut written_since_collect = 0;
+        let mut packets_written = 0u64;
+        let mut bytes_written = 0usize;
+        let result = loop {
+            if !handle.queue.collect(written_since_collect, &mut self.in_flight) {
+                break Ok(());
+            }
+            written_since_collect = 0;
+            match self.write_some() {
+                Ok((bytes, packets)) => {
+                    written_since_collect = bytes;
+                    bytes_written += bytes;
+                    packets_written += packets;
+                    if handle.service.config.session.report_sent {
+                        self.batch.push(Event::Sent { session: handle.id, nbytes: bytes });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    handle.queue.collect(0, &mut self.in_flight);
+                    break Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(Stop::io(&e)),
+            }
+        };
+        if written_since_collect > 0 {
+            // The loop ended on an error after a successful write: settle the count.
+            handle.queue.collect(written_since_collect, &mut self.in_flight);
+        }
+        stats.send_queue_bytes.fetch_sub(bytes_written, Ordering::Relaxed);
+        ServiceStats::add(&stats.bytes_out, bytes_written as u64);
+        ServiceStats::add(&stats.packets_out, packets_written);
+        self.queue_batch();
+        result
+    }
+
+    /// One gathered write of the packets in flight. Returns bytes written and
+    /// packets completed.
+    fn write_some(&mut self) -> io::Result<(usize, u64)> {
+        let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+        let count = self.in_flight.len().min(MAX_WRITE_SLICES);
+        for (slice, packet) in slices.iter_mut().zip(&self.in_flight) {
+            *slice = IoSlice::new(packet);
+        }
+        // sendmsg with MSG_NOSIGNAL, not writev: a write to a reset socket must
+        // come back as EPIPE, never as a SIGPIPE that kills the host process.
+        let written = self.stream.try_io(Interest::WRITABLE, || {
+            SockRef::from(&self.stream).send_vectored_with_flags(&slices[..count], libc::MSG_NOSIGNAL)
+        })?;
+        let mut left = written;
+        let mut packets = 0;
+        while left > 0 {
+            let front = self.in_flight.front_mut().expect("the kernel took no more than was offered");
+            if front.len() <= left {
+                left -= front.len();
+                self.in_flight.pop_front();
+                packets += 1;
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+        Ok((written, packets))
+    }
+
+    fn socket_error(&self) -> Stop {
+        match SockRef::from(&self.stream).take_error() {
+            Ok(Some(error)) => Stop::io(&error),
+            Ok(None) => Stop::new(DisconnectReason::Reset, "socket error"),
+            Err(error) => Stop::io(&error),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let config = &self.farewell.handle.service.config.session;
+        let packet = self.packet_started.zip(config.packet_timeout).map(|(at, limit)| at + limit);
+        let idle = config.idle_timeout.map(|limit| self.last_received + limit);
+        match (packet, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Keeps the one timer at the nearest deadline. A deadline that moved later
+    /// (more bytes arrived) is not chased: when the timer fires early it is
+    /// simply set again, which costs one reset per timeout period, not per read.
+    fn arm_timer(&mut self) {
+        match self.next_deadline() {
+            Some(deadline) if !self.timer_armed || deadline < self.timer.deadline() => {
+                self.timer.as_mut().reset(deadline);
+                self.timer_armed = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn check_deadlines(&mut self) -> Result<(), Stop> {
+        let now = Instant::now();
+        let config = &self.farewell.handle.service.config.session;
+        if let (Some(started), Some(limit)) = (self.packet_started, config.packet_timeout) {
+            if now >= started + limit {
+                return Err(Stop::new(
+                    DisconnectReason::PacketTimeout,
+                    format!(
+                        "packet incomplete after {:.1}s ({} bytes buffered), packet_timeout {:.1}s",
+                        (now - started).as_secs_f64(),
+                        self.recv.len(),
+                        limit.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        if let Some(limit) = config.idle_timeout {
+            if now >= self.last_received + limit {
+                return Err(Stop::new(
+                    DisconnectReason::IdleTimeout,
+                    format!("nothing received for {:.1}s, idle_timeout {:.1}s", (now - self.last_received).as_secs_f64(), limit.as_secs_f64()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles the reason, lingers if the close was the application's, and
+    /// records the details for the one log line.
+    async fn finish(mut self, stop: Stop) {
+        let handle = self.farewell.handle.clone();
+        // The first reason wins: a kick that came before this socket error stays a kick.
+        handle.queue.request_close(stop.reason);
+        let reason = handle.queue.close_reason().unwrap_or(stop.reason);
+        if reason == stop.reason {
+            self.farewell.detail = stop.detail;
+        } else if reason == DisconnectReason::SendQueueFull {
+            self.farewell.detail = Some(format!(
+                "{} bytes unsent, max_send_queue_bytes {}",
+                handle.queue.unsent_bytes(),
+                handle.service.config.session.max_send_queue_bytes
+            ));
+        }
+        if reason.flushes_queue() {
+            let linger = handle.service.config.session.linger;
+            if tokio::time::timeout(linger, self.linger()).await.is_err() {
+                let unsent = handle.queue.unsent_bytes();
+                if unsent > 0 {
+                    self.farewell.detail =
+                        Some(format!("linger of {:.1}s expired with {unsent} bytes unsent", linger.as_secs_f64()));
+                }
+            }
+        }
+        // Dropping `self` closes the socket, then queues `Disconnected`.
+    }
+
+    /// Flushes what was queued before the close, sends FIN, and waits for the
+    /// peer's FIN. Closing while the peer's bytes are still unread would make the
+    /// kernel send a reset, which can destroy the goodbye the peer has not read.
+    async fn linger(&mut self) {
+        loop {
+            if self.flush().is_err() {
+                return;
+            }
+            if self.in_flight.is_empty() {
+                break;
+            }
+            if self.stream.ready(Interest::WRITABLE).await.is_err() {
+                return;
+            }
+        }
+        if SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write).is_err() {
+            return;
+        }
+        let mut discard = [0u8; 4096];
+        loop {
+            if self.stream.readable().await.is_err() {
+                return;
+            }
+            match self.stream.try_read(&mut discard) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Reports a connection's end exactly once, when the [`Connection`] is dropped:
+/// after a normal finish, a shutdown that cancels the task, or a panic.
+struct Farewell {
+    handle: Arc<SessionHandle>,
+    detail: Option<String>,
+    reported: bool,
+}
+
+impl Drop for Farewell {
+    fn drop(&mut self) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let handle = &self.handle;
+        let service = &handle.service;
+        let fallback = service.registry.closed_with().unwrap_or(DisconnectReason::Reset);
+        let unsent = handle.queue.finish(fallback);
+        let reason = handle.queue.close_reason().unwrap_or(fallback);
+        service.stats.send_queue_bytes.fetch_sub(unsent, Ordering::Relaxed);
+        service.stats.count_disconnect(reason);
+        service.registry.remove(handle.id);
+        let detail = self.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+        let level = if reason.is_fault() { log::Level::Warn } else { log::Level::Debug };
+        log::log!(
+            target: "servercore",
+            level,
+            "session {} ({}) disconnected: {}{}",
+            handle.id,
+            handle.peer,
+            reason,
+            detail
+        );
+        service.events.push(Event::Disconnected { session: handle.id, reason });
+    }
+}
+
+/// Packets counted in fixed one-second windows, for `max_packets_per_second`.
+struct RateWindow {
+    started: Instant,
+    packets: u64,
+}
+
+impl RateWindow {
+    fn new(now: Instant) -> Self {
+        Self { started: now, packets: 0 }
+    }
+
+    /// Adds `packets`; returns the window's count as an error once it passes `limit`.
+    fn count(&mut self, packets: u64, limit: u32, now: Instant) -> Result<(), u64> {
+        if now.duration_since(self.started) >= std::time::Duration::from_secs(1) {
+            self.started = now;
+            self.packets = 0;
+        }
+        self.packets += packets;
+        if self.packets > u64::from(limit) { Err(self.packets) } else { Ok(()) }
+    }
+}
