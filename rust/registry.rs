@@ -7,6 +7,7 @@
 //! application code can run inside a broadcast: a full queue or a closed session
 //! is recorded on that session and reported later, through its own events.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -73,9 +74,13 @@ impl SessionRegistry {
 
     /// Queues one shared packet on every session the application has been told
     /// of (`Connected` delivered), except `exclude`.
-    pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
+    /// `unsent_bytes` is the service's gauge of queued bytes; it is raised before
+    /// the packet is queued, since writers may take it off at once.
+    pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>, unsent_bytes: &AtomicUsize) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         let state = self.lock();
+        let most = state.sessions.len() * packet.len();
+        unsent_bytes.fetch_add(most, Ordering::Relaxed);
         for (id, handle) in &state.sessions {
             if Some(*id) == exclude || !handle.is_announced() {
                 continue;
@@ -86,6 +91,7 @@ impl SessionRegistry {
                 Push::Closed => {}
             }
         }
+        unsent_bytes.fetch_sub(most - outcome.queued * packet.len(), Ordering::Relaxed);
         outcome
     }
 

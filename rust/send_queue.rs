@@ -107,7 +107,8 @@ impl SendQueue {
     /// the registered flag, when there is nothing left to write.
     pub fn collect(&self, written: usize, in_flight: &mut VecDeque<Bytes>) -> bool {
         let mut state = self.lock();
-        state.unsent_bytes -= written;
+        debug_assert!(written <= state.unsent_bytes, "wrote {written} of {} unsent", state.unsent_bytes);
+        state.unsent_bytes = state.unsent_bytes.saturating_sub(written);
         in_flight.extend(state.queued.drain(..));
         if in_flight.is_empty() {
             state.writer_registered = false;

@@ -48,6 +48,27 @@ impl ServiceShared {
     }
 }
 
+impl ServiceShared {
+    /// Queues one encoded packet on every announced session (but `exclude`).
+    pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
+        self.registry.broadcast(packet, exclude, &self.stats.send_queue_bytes)
+    }
+
+    /// Waits up to `timeout` for events and appends them to `out`.
+    pub fn wait_events(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
+        self.events.wait(timeout, out)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot(self.registry.len(), self.events.len(), self.pool.stats())
+    }
+
+    /// Counts received packets dropped because the application had closed their session.
+    pub fn count_discarded(&self, packets: u64) {
+        ServiceStats::add(&self.stats.packets_discarded, packets);
+    }
+}
+
 /// The part of a server or client that does not depend on which it is.
 pub struct Service {
     shared: Arc<ServiceShared>,
@@ -85,24 +106,20 @@ impl Service {
         self.runtime.is_some()
     }
 
-    /// Queues one encoded packet on every announced session (but `exclude`).
     pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
-        let outcome = self.shared.registry.broadcast(packet, exclude);
-        self.shared.stats.send_queue_bytes.fetch_add(outcome.queued * packet.len(), Ordering::Relaxed);
-        outcome
+        self.shared.broadcast(packet, exclude)
     }
 
     pub fn session(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
         self.shared.registry.get(id)
     }
 
-    /// Waits up to `timeout` for events and appends them to `out`.
     pub fn wait_events(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
-        self.shared.events.wait(timeout, out)
+        self.shared.wait_events(timeout, out)
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot(self.shared.registry.len(), self.shared.events.len(), self.shared.pool.stats())
+        self.shared.stats()
     }
 
     /// Stops the service: no new sessions; every open one is closed with

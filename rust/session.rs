@@ -110,9 +110,12 @@ impl SessionHandle {
     /// Queues an encoded packet. Never blocks and never waits for the socket.
     pub fn send(&self, packet: Bytes) -> Push {
         let len = packet.len();
+        // Counted before it is queued: the writer may take it off at once.
+        let counter = &self.service.stats.send_queue_bytes;
+        counter.fetch_add(len, Ordering::Relaxed);
         let outcome = self.enqueue(packet);
-        if outcome == Push::Queued {
-            self.service.stats.send_queue_bytes.fetch_add(len, Ordering::Relaxed);
+        if outcome != Push::Queued {
+            counter.fetch_sub(len, Ordering::Relaxed);
         }
         outcome
     }
@@ -414,36 +417,29 @@ impl Connection {
     /// the socket is full.
     fn flush(&mut self) -> Result<(), Stop> {
         let handle = self.farewell.handle.clone();
-        let stats = &handle.service.stats;
-        let mut written_since_collect = 0;
+        // Bytes written since the queue was last told; each collect settles them.
+        let mut unsettled = 0;
         let mut packets_written = 0u64;
         let mut bytes_written = 0usize;
         let result = loop {
-            if !handle.queue.collect(written_since_collect, &mut self.in_flight) {
+            if !handle.queue.collect(std::mem::take(&mut unsettled), &mut self.in_flight) {
                 break Ok(());
             }
-            written_since_collect = 0;
             match self.write_some() {
                 Ok((bytes, packets)) => {
-                    written_since_collect = bytes;
+                    unsettled = bytes;
                     bytes_written += bytes;
                     packets_written += packets;
                     if handle.service.config.session.report_sent {
                         self.batch.push(Event::Sent { session: handle.id, nbytes: bytes });
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    handle.queue.collect(0, &mut self.in_flight);
-                    break Ok(());
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(Stop::io(&e)),
             }
         };
-        if written_since_collect > 0 {
-            // The loop ended on an error after a successful write: settle the count.
-            handle.queue.collect(written_since_collect, &mut self.in_flight);
-        }
+        let stats = &handle.service.stats;
         stats.send_queue_bytes.fetch_sub(bytes_written, Ordering::Relaxed);
         ServiceStats::add(&stats.bytes_out, bytes_written as u64);
         ServiceStats::add(&stats.packets_out, packets_written);

@@ -1,0 +1,44 @@
+"""servercore: MMO-style game servers and load-test clients in Python.
+
+Subclass :class:`PacketSession`, override its callbacks, and hand the class to a
+:class:`Server` (or a :class:`Client` for load tests). Sockets, framing, send
+queues and broadcast run in Rust on tokio; callbacks run on the thread that
+calls ``poll()`` or ``run_forever()``.
+
+    from servercore import PacketSession, Server
+
+    class Echo(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            self.send(packet_id, payload)
+
+    with Server(Echo, port=7777) as server:
+        server.run_forever()
+"""
+
+from __future__ import annotations
+
+from servercore._core import (
+    HEADER_SIZE,
+    MAX_PACKET_SIZE,
+    Client,
+    PacketSession,
+    SendBuffer,
+    Server,
+    Service,
+    Session,
+)
+from servercore._reason import DisconnectReason
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_PACKET_SIZE",
+    "Client",
+    "DisconnectReason",
+    "PacketSession",
+    "SendBuffer",
+    "Server",
+    "Service",
+    "Session",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from servercore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+//! The crate's `log` records, handed to Python's `logging` (logger "servercore").
+//!
+//! I/O threads must never take the GIL, so they do not call `logging` themselves:
+//! records wait in a bounded queue and the thread that runs callbacks (`poll`,
+//! `stop`) emits them. If nobody polls for a long time the oldest records are
+//! dropped, and the next flush says how many.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pyo3::intern;
+use pyo3::prelude::*;
+
+const MAX_QUEUED_RECORDS: usize = 10_000;
+
+struct QueuedRecord {
+    level: log::Level,
+    message: String,
+}
+
+struct LogBridge {
+    records: Mutex<VecDeque<QueuedRecord>>,
+    dropped: AtomicU64,
+}
+
+static BRIDGE: LogBridge = LogBridge { records: Mutex::new(VecDeque::new()), dropped: AtomicU64::new(0) };
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let queued = QueuedRecord { level: record.level(), message: record.args().to_string() };
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if records.len() >= MAX_QUEUED_RECORDS {
+            records.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        records.push_back(queued);
+    }
+
+    fn flush(&self) {}
+}
+
+/// Routes the crate's log records to the bridge (once per process; if the
+/// embedding program installed its own `log` logger first, that one stays).
+pub fn install() {
+    if log::set_logger(&BRIDGE).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// Matches the records the I/O threads format to what the Python logger would
+/// show, so a quiet logger costs no formatting on the hot path.
+pub fn follow_python_level(py: Python<'_>) -> PyResult<()> {
+    let level: u32 = logger(py)?.call_method0(intern!(py, "getEffectiveLevel"))?.extract()?;
+    log::set_max_level(match level {
+        0..=9 => log::LevelFilter::Trace,
+        10..=19 => log::LevelFilter::Debug,
+        20..=29 => log::LevelFilter::Info,
+        30..=39 => log::LevelFilter::Warn,
+        _ => log::LevelFilter::Error,
+    });
+    Ok(())
+}
+
+/// Emits every queued record through `logging.getLogger("servercore")`.
+pub fn flush(py: Python<'_>) -> PyResult<()> {
+    let records = std::mem::take(&mut *BRIDGE.records.lock().unwrap_or_else(|e| e.into_inner()));
+    let dropped = BRIDGE.dropped.swap(0, Ordering::Relaxed);
+    if records.is_empty() && dropped == 0 {
+        return Ok(());
+    }
+    let logger = logger(py)?;
+    if dropped > 0 {
+        logger.call_method1(
+            intern!(py, "warning"),
+            (format!("{dropped} log records were dropped while nobody called poll()"),),
+        )?;
+    }
+    for record in records {
+        logger.call_method1(intern!(py, "log"), (python_level(record.level), record.message))?;
+    }
+    Ok(())
+}
+
+/// `logging.getLogger("servercore")`.
+pub fn logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    py.import(intern!(py, "logging"))?.call_method1(intern!(py, "getLogger"), (intern!(py, "servercore"),))
+}
+
+fn python_level(level: log::Level) -> u32 {
+    match level {
+        log::Level::Error => 40,
+        log::Level::Warn => 30,
+        log::Level::Info => 20,
+        log::Level::Debug => 10,
+        log::Level::Trace => 5,
+    }
+}

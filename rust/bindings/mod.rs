@@ -1,0 +1,34 @@
+//! The only PyO3 code: the `servercore._core` extension module.
+//!
+//! - [`session`]: `Session` and `PacketSession`, the classes game code subclasses.
+//! - [`send_buffer`]: `SendBuffer`, and the payload forms `send` accepts.
+//! - [`service`]: `Service`, `Server` and `Client`.
+//! - [`dispatch`]: engine events turned into callbacks inside `poll()`.
+//! - [`logging`]: the engine's log records, emitted through Python's `logging`.
+
+mod dispatch;
+mod logging;
+mod send_buffer;
+mod service;
+mod session;
+
+use pyo3::prelude::*;
+
+use crate::reason::DisconnectReason;
+
+#[pymodule]
+fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    logging::install();
+    module.add_class::<session::PySession>()?;
+    module.add_class::<session::PyPacketSession>()?;
+    module.add_class::<send_buffer::PySendBuffer>()?;
+    module.add_class::<service::PyService>()?;
+    module.add_class::<service::PyServer>()?;
+    module.add_class::<service::PyClient>()?;
+    // The engine's reasons, by code; servercore.DisconnectReason is checked against it.
+    let reasons: Vec<(u8, &str)> = DisconnectReason::ALL.iter().map(|r| (r.code(), r.name())).collect();
+    module.add("DISCONNECT_REASONS", reasons)?;
+    module.add("MAX_PACKET_SIZE", crate::frame::MAX_WIRE_PACKET_SIZE)?;
+    module.add("HEADER_SIZE", crate::frame::HEADER_SIZE)?;
+    Ok(())
+}

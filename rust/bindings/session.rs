@@ -1,0 +1,145 @@
+//! `Session` and `PacketSession`: the base classes game code subclasses.
+//!
+//! Instances are made by a `Server` or `Client`, one per connection, by calling
+//! the session class with no arguments; the connection is attached right after.
+//! `send` and `disconnect` only touch the Rust handle: they never call back into
+//! Python, so nothing can re-enter game code from inside them.
+
+use std::sync::{Arc, OnceLock};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+
+use super::send_buffer::packet_from_args;
+use crate::reason::DisconnectReason;
+use crate::send_queue::Push;
+use crate::session::SessionHandle;
+
+/// A connection's byte stream; override `on_recv` and return how many bytes you
+/// consumed. The lecture's `Session`.
+#[pyclass(subclass, frozen, name = "Session", module = "servercore._core")]
+#[derive(Default)]
+pub struct PySession {
+    handle: OnceLock<Arc<SessionHandle>>,
+}
+
+impl PySession {
+    pub fn attach(&self, handle: Arc<SessionHandle>) {
+        // The object was created for this connection a moment ago.
+        let _ = self.handle.set(handle);
+    }
+
+    fn handle(&self) -> PyResult<&Arc<SessionHandle>> {
+        self.handle.get().ok_or_else(|| {
+            PyRuntimeError::new_err(
+                "this session has no connection: sessions are created by a Server or Client, \
+                 which call the session class for each connection",
+            )
+        })
+    }
+}
+
+#[pymethods]
+impl PySession {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        // Arguments belong to the subclass's __init__.
+        Self::default()
+    }
+
+    /// The session's number, unique within its server or client.
+    #[getter]
+    fn id(&self) -> PyResult<u64> {
+        Ok(self.handle()?.id().0)
+    }
+
+    /// The peer's `(host, port)`.
+    #[getter]
+    fn peer(&self) -> PyResult<(String, u16)> {
+        let peer = self.handle()?.peer();
+        Ok((peer.ip().to_string(), peer.port()))
+    }
+
+    /// True until the session starts closing.
+    #[getter]
+    fn connected(&self) -> bool {
+        self.handle.get().is_some_and(|h| h.is_connected())
+    }
+
+    /// Queues a packet: `send(packet_id, payload)` or `send(send_buffer)`.
+    /// Returns False if the session is closing (or this send overflowed its
+    /// queue, which closes it with SEND_QUEUE_FULL). Never blocks.
+    #[pyo3(signature = (packet, payload=None))]
+    fn send(&self, packet: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let handle = self.handle()?;
+        let bytes = packet_from_args(packet, payload, handle.max_packet_size())?;
+        Ok(handle.send(bytes) == Push::Queued)
+    }
+
+    /// Closes the session after flushing what was already queued (bounded by the
+    /// linger). Idempotent; `on_disconnected` follows exactly once, after the
+    /// socket is closed. Returns whether this call started the close.
+    fn disconnect(&self) -> PyResult<bool> {
+        Ok(self.handle()?.close(DisconnectReason::ClosedLocally))
+    }
+
+    fn on_connected(&self) {}
+
+    /// Raw sessions: called with every unconsumed byte so far; return how many
+    /// were consumed. The rest is shown again with the next bytes.
+    fn on_recv(&self, data: &Bound<'_, PyBytes>) -> usize {
+        data.as_bytes().len()
+    }
+
+    /// Called after a write handed `nbytes` to the kernel; only if overridden.
+    fn on_send(&self, _nbytes: usize) {}
+
+    fn on_disconnected(&self, _reason: &Bound<'_, PyAny>) {}
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let class = slf.get_type().qualname()?;
+        Ok(match slf.get().handle.get() {
+            None => format!("<{class} (not connected to a service)>"),
+            Some(h) => format!(
+                "<{class} id={} peer={} {}>",
+                h.id(),
+                h.peer(),
+                if h.is_connected() { "connected" } else { "disconnected" }
+            ),
+        })
+    }
+}
+
+/// A session that speaks `[size u16][id u16][payload]`: packets are checked and
+/// cut in Rust and delivered whole to `on_recv_packet`. `on_recv` is sealed.
+#[pyclass(extends = PySession, subclass, frozen, name = "PacketSession", module = "servercore._core")]
+pub struct PyPacketSession;
+
+#[pymethods]
+impl PyPacketSession {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyClassInitializer<Self> {
+        PyClassInitializer::from(PySession::default()).add_subclass(PyPacketSession)
+    }
+
+    /// Seals `on_recv`: framing is done in Rust, where a lying header costs
+    /// nothing but its own session.
+    #[classmethod]
+    #[pyo3(signature = (**_kwargs))]
+    fn __init_subclass__(cls: &Bound<'_, PyType>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let own = cls.getattr("__dict__")?;
+        if own.contains("on_recv")? {
+            return Err(PyTypeError::new_err(format!(
+                "{}: PacketSession.on_recv is sealed; override on_recv_packet(packet_id, payload) \
+                 instead, or subclass Session to handle the raw byte stream",
+                cls.qualname()?
+            )));
+        }
+        Ok(())
+    }
+
+    fn on_recv_packet(&self, _packet_id: u16, _payload: &Bound<'_, PyBytes>) {}
+}
