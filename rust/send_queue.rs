@@ -45,6 +45,8 @@ struct QueueState {
     close: Option<DisconnectReason>,
     /// The driver is gone: nothing will be written again.
     finished: bool,
+    /// Unsent bytes, and the size of the packet refused, when the limit was hit.
+    overflow: Option<(usize, usize)>,
 }
 
 impl SendQueue {
@@ -56,6 +58,7 @@ impl SendQueue {
         }
         if state.unsent_bytes + packet.len() > max_unsent_bytes {
             state.close = Some(DisconnectReason::SendQueueFull);
+            state.overflow = Some((state.unsent_bytes, packet.len()));
             drop(state);
             self.wakeup.notify_one();
             return Push::Full;
@@ -90,6 +93,11 @@ impl SendQueue {
     pub fn is_open(&self) -> bool {
         let state = self.lock();
         state.close.is_none() && !state.finished
+    }
+
+    /// When a push hit the limit: the bytes unsent then and the packet refused.
+    pub fn overflow(&self) -> Option<(usize, usize)> {
+        self.lock().overflow
     }
 
     pub fn unsent_bytes(&self) -> usize {
@@ -164,6 +172,7 @@ mod tests {
         assert_eq!(queue.push(packet(60), 100), Push::Queued);
         assert_eq!(queue.push(packet(41), 100), Push::Full);
         assert_eq!(queue.close_reason(), Some(DisconnectReason::SendQueueFull));
+        assert_eq!(queue.overflow(), Some((60, 41)));
         assert_eq!(queue.push(packet(1), 100), Push::Closed);
         assert_eq!(queue.unsent_bytes(), 60);
     }

@@ -543,10 +543,9 @@ impl Connection {
         let reason = handle.queue.close_reason().unwrap_or(stop.reason);
         if reason == stop.reason {
             self.farewell.detail = stop.detail;
-        } else if reason == DisconnectReason::SendQueueFull {
+        } else if let Some((unsent, refused)) = handle.queue.overflow() {
             self.farewell.detail = Some(format!(
-                "{} bytes unsent, max_send_queue_bytes {}",
-                handle.queue.unsent_bytes(),
+                "{unsent} bytes unsent and a {refused}-byte packet more would pass max_send_queue_bytes {}",
                 handle.service.config.session.max_send_queue_bytes
             ));
         }

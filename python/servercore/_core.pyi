@@ -1,0 +1,201 @@
+"""The native engine of servercore (Rust, tokio, PyO3). Import from `servercore`."""
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Final, TypeVar, overload
+
+from typing_extensions import Buffer
+
+from servercore._reason import DisconnectReason
+
+_S = TypeVar("_S", bound="Service")
+
+DISCONNECT_REASONS: Final[list[tuple[int, str]]]
+"""The engine's disconnect reasons as (code, name); `DisconnectReason` mirrors them."""
+MAX_PACKET_SIZE: Final[int]
+"""The largest packet the `u16` size of a header can state: 65535 bytes."""
+HEADER_SIZE: Final[int]
+"""Bytes in a packet header: `[size: u16 LE][id: u16 LE]`."""
+
+class Session:
+    """A connection's raw byte stream (the lecture's `Session`).
+
+    Subclass it and override `on_recv` to parse your own framing. Instances are
+    created by a `Server` or `Client`, one per connection, by calling the class
+    with no arguments.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Session: ...
+    @property
+    def id(self) -> int:
+        """The session's number, unique within its server or client."""
+    @property
+    def peer(self) -> tuple[str, int]:
+        """The peer's (host, port)."""
+    @property
+    def connected(self) -> bool:
+        """True until the session starts closing."""
+    @overload
+    def send(self, packet: SendBuffer, /) -> bool: ...
+    @overload
+    def send(self, packet_id: int, payload: Buffer, /) -> bool: ...
+    def send(self, packet: SendBuffer | int, payload: Buffer | None = None) -> bool:
+        """Queue a packet; never blocks and never calls back into Python.
+
+        Returns False if the session is closing (or this send overflowed
+        `max_send_queue_bytes`, which closes it with SEND_QUEUE_FULL). Raises
+        ValueError for a packet id outside 0..65535 or a payload that makes a
+        packet over `max_packet_size`, TypeError for a payload that is not
+        bytes-like.
+        """
+    def disconnect(self) -> bool:
+        """Close after flushing what was queued before (bounded by `linger`).
+
+        Idempotent: returns whether this call started the close.
+        `on_disconnected` follows exactly once, after the socket is closed.
+        """
+    def on_connected(self) -> None:
+        """First callback of every session."""
+    def on_recv(self, data: bytes) -> int:
+        """Every unconsumed byte so far; return how many you consumed (0..len(data)).
+
+        The rest is shown again, with the next bytes. The default consumes all.
+        Unconsumed bytes over `max_packet_size` disconnect with PACKET_TOO_LARGE.
+        """
+    def on_send(self, nbytes: int) -> None:
+        """A write handed `nbytes` to the kernel. Only delivered if overridden."""
+    def on_disconnected(self, reason: DisconnectReason) -> None:
+        """Last callback of every session, exactly once, after the socket closed."""
+
+class PacketSession(Session):
+    """A session that speaks `[size u16][id u16][payload]` packets.
+
+    Headers are checked in Rust: a size below 4 or above `max_packet_size`, or
+    an id outside `packet_ids`, disconnects the session before its bytes reach
+    Python. `on_recv` is sealed: a subclass that defines it is rejected.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PacketSession: ...
+    def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+        """One whole packet, in arrival order; payload excludes the header."""
+
+class SendBuffer:
+    """One packet encoded once into pooled memory; send it to any number of
+    sessions without copying."""
+
+    def __init__(self, packet_id: int, payload: Buffer) -> None: ...
+    @property
+    def packet_id(self) -> int: ...
+    @property
+    def size(self) -> int:
+        """The whole packet, header included."""
+    @property
+    def payload(self) -> bytes: ...
+    def __len__(self) -> int: ...
+    def __bytes__(self) -> bytes:
+        """The packet as it goes on the wire, header included."""
+
+class Service:
+    """What `Server` and `Client` share (the lecture's `Service`)."""
+
+    def poll(self, timeout: float | None = None) -> int:
+        """Run the callbacks of what has happened, on this thread.
+
+        Waits up to `timeout` seconds for something to happen (None: until it
+        does), with the GIL released. Returns the number of events handled.
+        Callbacks must not call poll() themselves.
+        """
+    def run_forever(self) -> None:
+        """Poll until `stop()` is called from a callback or another thread."""
+    def stop(self) -> None:
+        """Close every session (flushing, bounded by `linger`), deliver each
+        `on_disconnected`, end the I/O threads. Idempotent."""
+    @overload
+    def broadcast(self, packet: SendBuffer, /, *, exclude: Session | None = None) -> int: ...
+    @overload
+    def broadcast(self, packet_id: int, payload: Buffer, /, *, exclude: Session | None = None) -> int: ...
+    def broadcast(
+        self, packet: SendBuffer | int, payload: Buffer | None = None, *, exclude: Session | None = None
+    ) -> int:
+        """Queue one packet on every connected session (encoded once, shared).
+        Returns how many sessions it was queued on."""
+    @property
+    def sessions(self) -> list[Any]:
+        """The connected session objects, oldest first (a snapshot)."""
+    @property
+    def running(self) -> bool: ...
+    def __len__(self) -> int:
+        """Sessions that got `on_connected` and not yet `on_disconnected`."""
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges: sessions, accepted, connected, connect_failed,
+        rejected, packets_in/out, bytes_in/out, send_queue_bytes,
+        pending_recv_bytes, pending_events, packets_discarded, disconnects
+        (by reason name), pool_chunk_size, pool_chunks, pool_chunks_in_use,
+        pool_buffers_encoded, pool_bytes_encoded."""
+    def __enter__(self: _S) -> _S: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+class Server(Service):
+    """Accepts connections and makes one session object per connection."""
+
+    def __init__(
+        self,
+        session_class: type[Session],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        io_threads: int | None = None,
+        max_sessions: int = 10_000,
+        max_packet_size: int = 4096,
+        max_send_queue_bytes: int = 1_048_576,
+        max_pending_recv_bytes: int = 262_144,
+        packet_timeout: float | None = 10.0,
+        idle_timeout: float | None = None,
+        max_packets_per_second: int | None = None,
+        packet_ids: Iterable[int] | None = None,
+        keepalive: bool = True,
+        nodelay: bool = True,
+        linger: float = 1.0,
+        backlog: int = 1024,
+    ) -> None: ...
+    def start(self) -> None:
+        """Bind and start the I/O threads. Raises OSError if the address is in use."""
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int:
+        """The port listened on; the real one once started, also with port=0."""
+
+class Client(Service):
+    """Opens `count` sessions to one server (the lecture's DummyClient)."""
+
+    def __init__(
+        self,
+        session_class: type[Session],
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        count: int = 1,
+        *,
+        io_threads: int | None = None,
+        max_packet_size: int = 4096,
+        max_send_queue_bytes: int = 1_048_576,
+        max_pending_recv_bytes: int = 262_144,
+        packet_timeout: float | None = 10.0,
+        idle_timeout: float | None = None,
+        max_packets_per_second: int | None = None,
+        packet_ids: Iterable[int] | None = None,
+        keepalive: bool = True,
+        nodelay: bool = True,
+        linger: float = 1.0,
+        connect_timeout: float = 10.0,
+    ) -> None: ...
+    def start(self) -> None:
+        """Connect every session; returns when each attempt has finished.
+        Raises ConnectionError (an OSError) if none connected."""
+    @property
+    def count(self) -> int: ...

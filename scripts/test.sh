@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine, then runs every test: Rust, then Python.
+# Idempotent: a second run reuses .venv and cargo's build cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+
+echo "== cargo test"
+cargo test --locked
+
+echo "== maturin develop --release"
+maturin develop --release --locked --quiet
+
+echo "== pytest"
+python -m pytest "$@"
