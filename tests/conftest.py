@@ -1,0 +1,68 @@
+"""Fixtures: real servers and clients on 127.0.0.1, port 0, always stopped."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from servercore import Client, Server, Session
+from support import RawPeer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def enough_file_descriptors() -> None:
+    """Tests open a few thousand sockets; lift the soft fd limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., Server]]:
+    """`start_server(SessionClass, **options)` -> a started Server on 127.0.0.1:0."""
+    started: list[Server] = []
+
+    def start(session_class: type[Session], **options: Any) -> Server:
+        server = Server(session_class, "127.0.0.1", 0, **options)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def start_client() -> Iterator[Callable[..., Client]]:
+    """`start_client(SessionClass, port, count=1, **options)` -> a started Client."""
+    started: list[Client] = []
+
+    def start(session_class: type[Session], port: int, count: int = 1, **options: Any) -> Client:
+        client = Client(session_class, "127.0.0.1", port, count=count, **options)
+        client.start()
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.stop()
+
+
+@pytest.fixture
+def raw_peers() -> Iterator[Callable[[int], RawPeer]]:
+    """`connect(port)` -> a RawPeer; all are closed after the test."""
+    peers: list[RawPeer] = []
+
+    def connect(port: int) -> RawPeer:
+        peer = RawPeer(port)
+        peers.append(peer)
+        return peer
+
+    yield connect
+    for peer in peers:
+        peer.close()
