@@ -30,7 +30,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::Framing;
 use crate::dispatch::Event;
-use crate::frame::{self, FrameError, HEADER_SIZE};
+use crate::frame::FrameError;
 use crate::reason::DisconnectReason;
 use crate::recv_buffer::RecvBuffer;
 use crate::send_queue::{Push, SendQueue};
@@ -358,36 +358,31 @@ impl Connection {
         }
     }
 
+    /// Turns what was read into events: whole packets (or, raw, every byte).
     fn cut_events(&mut self) -> Result<(), Stop> {
-        let session = self.handle().id;
-        let config = &self.farewell.handle.service.config.session;
-        match config.framing {
-            Framing::Raw => {
-                let len = self.recv.len();
-                let data = self.recv.take(len);
-                self.farewell.handle.inbound.add(len + EVENT_OVERHEAD);
-                self.farewell.handle.service.stats.pending_recv_bytes.fetch_add(len + EVENT_OVERHEAD, Ordering::Relaxed);
-                self.batch.push(Event::Received { session, data });
-                return Ok(());
-            }
-            Framing::Packets => {}
-        }
+        let handle = &self.farewell.handle;
+        let config = &handle.service.config.session;
         let mut packets = 0u64;
         let mut weight = 0usize;
-        let result = loop {
-            match frame::check(self.recv.unread(), &config.frame_limits) {
-                Ok(Some(header)) => {
-                    let mut payload = self.recv.take(header.size);
-                    payload.advance(HEADER_SIZE);
-                    packets += 1;
-                    weight += header.payload_len() + EVENT_OVERHEAD;
-                    self.batch.push(Event::Packet { session, packet_id: header.id, payload });
-                }
-                Ok(None) => break Ok(()),
-                Err(error) => break Err(Stop::frame(error)),
+        let result = match config.framing {
+            Framing::Raw => {
+                let data = self.recv.take(self.recv.len());
+                weight = data.len() + EVENT_OVERHEAD;
+                self.batch.push(Event::Received { session: handle.id, data });
+                Ok(())
             }
+            Framing::Packets => loop {
+                match self.recv.next_packet(&config.frame_limits) {
+                    Ok(Some((packet_id, payload))) => {
+                        packets += 1;
+                        weight += payload.len() + EVENT_OVERHEAD;
+                        self.batch.push(Event::Packet { session: handle.id, packet_id, payload });
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(error) => break Err(Stop::frame(error)),
+                }
+            },
         };
-        let handle = &self.farewell.handle;
         handle.inbound.add(weight);
         handle.service.stats.pending_recv_bytes.fetch_add(weight, Ordering::Relaxed);
         ServiceStats::add(&handle.service.stats.packets_in, packets);
@@ -401,7 +396,7 @@ impl Connection {
         }
         // The slowloris deadline runs from the first byte of a packet and is not
         // moved by the bytes that dribble in after it.
-        if self.recv.is_empty() {
+        if self.recv.is_empty() || config.framing == Framing::Raw {
             self.packet_started = None;
         } else if packets > 0 || self.packet_started.is_none() {
             self.packet_started = Some(Instant::now());
