@@ -1,0 +1,218 @@
+"""Hostile input costs only its own session (design.md sections 1 "Security", 2, 4.7).
+
+The server distrusts every header: a size below the 4 header bytes, a size over
+`max_packet_size`, or an id outside `packet_ids` disconnects that one session
+with a reason, logs one warning naming the peer and the reason, and never
+hands the offending bytes to Python. An honest peer connected at the same time
+keeps receiving the server's broadcast sequence without a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+import time
+
+import pytest
+
+from servercore import DisconnectReason, PacketSession
+
+from support import header, packet, poll_until
+
+SEQ = struct.Struct("<I")
+BROADCAST_ID = 1
+
+
+def make_recorder():
+    """A session class that records, per session id, packets and disconnects."""
+    packets: dict[int, list[tuple[int, bytes]]] = {}
+    disconnects: dict[int, list[DisconnectReason]] = {}
+    ids_by_port: dict[int, int] = {}
+
+    class Recorder(PacketSession):
+        def on_connected(self):
+            ids_by_port[self.peer[1]] = self.id
+            packets[self.id] = []
+
+        def on_recv_packet(self, packet_id, payload):
+            packets[self.id].append((packet_id, payload))
+            if packet_id == 7:
+                self.send(packet_id, payload)  # echo on request
+
+        def on_disconnected(self, reason):
+            disconnects.setdefault(self.id, []).append(reason)
+
+    return Recorder, packets, disconnects, ids_by_port
+
+
+def local_port(peer) -> int:
+    return peer.sock.getsockname()[1]
+
+
+def send_ignoring_close(peer, data: bytes) -> None:
+    """The server may cut the attacker while it is still sending."""
+    try:
+        peer.send(data)
+    except OSError:
+        pass
+
+
+def read_sequence(peer, count: int) -> list[int]:
+    received = []
+    for _ in range(count):
+        packet_id, payload = peer.recv_packet()
+        assert packet_id == BROADCAST_ID
+        received.append(SEQ.unpack(payload)[0])
+    return received
+
+
+def attack_during_broadcast(server, state, honest, attacker, attack: bytes, allowed_reasons, close_within=1.0):
+    """Broadcasts a numbered sequence before, during and after the attack.
+
+    Returns (attacker session id, broadcasts sent). Fails if the attacker's
+    session is not disconnected within `close_within` seconds.
+    """
+    _, packets, disconnects, ids_by_port = state
+    poll_until(server, lambda: local_port(honest) in ids_by_port and local_port(attacker) in ids_by_port)
+    attacker_id = ids_by_port[local_port(attacker)]
+    seq = 0
+
+    def broadcast_some(n):
+        nonlocal seq
+        for _ in range(n):
+            assert server.broadcast(BROADCAST_ID, SEQ.pack(seq)) >= 1
+            seq += 1
+            server.poll(0)
+
+    # A valid packet first: it must be delivered; the attack after it must not.
+    attacker.send(packet(2, b"fine"))
+    poll_until(server, lambda: packets[attacker_id])
+    broadcast_some(50)
+
+    send_ignoring_close(attacker, attack)
+    sent_at = time.monotonic()
+    while attacker_id not in disconnects:
+        if time.monotonic() - sent_at > close_within:
+            raise AssertionError(f"attacker still connected {close_within}s after the attack")
+        broadcast_some(1)
+        server.poll(0.005)
+    assert attacker.wait_closed(max(0.05, close_within - (time.monotonic() - sent_at))), \
+        "the attacker's socket was not closed"
+    broadcast_some(50)
+    assert disconnects[attacker_id][0] in allowed_reasons, disconnects[attacker_id]
+    assert len(disconnects[attacker_id]) == 1
+    # The honest peer got every broadcast, in order, no gap.
+    assert read_sequence(honest, seq) == list(range(seq))
+    return attacker_id, seq
+
+
+MALFORMED = [
+    pytest.param(header(0, 1) + b"\0" * 16, {}, DisconnectReason.INVALID_HEADER, id="size-0"),
+    pytest.param(header(1, 1) + b"\1" * 16, {}, DisconnectReason.INVALID_HEADER, id="size-1"),
+    pytest.param(header(2, 1) + b"\2" * 16, {}, DisconnectReason.INVALID_HEADER, id="size-2"),
+    pytest.param(header(3, 1) + b"\3" * 16, {}, DisconnectReason.INVALID_HEADER, id="size-3"),
+    pytest.param(header(4097, 1) + b"x" * 64, {}, DisconnectReason.PACKET_TOO_LARGE, id="size-max+1"),
+    pytest.param(header(1025, 1) + b"x" * 64, {"max_packet_size": 1024}, DisconnectReason.PACKET_TOO_LARGE,
+                 id="size-configured-max+1"),
+    pytest.param(header(65535, 1) + b"x" * 64, {}, DisconnectReason.PACKET_TOO_LARGE, id="size-65535"),
+    pytest.param(packet(3, b"evil"), {"packet_ids": {1, 2}}, DisconnectReason.UNKNOWN_PACKET_ID, id="unknown-id-3"),
+]
+
+
+@pytest.mark.parametrize(("attack", "options", "reason"), MALFORMED)
+def test_a_malformed_header_closes_only_the_attacker(attack, options, reason, start_server, raw_peers, caplog):
+    caplog.set_level(logging.WARNING, logger="servercore")
+    state = make_recorder()
+    Recorder, packets, disconnects, ids_by_port = state
+    server = start_server(Recorder, **options)
+    honest = raw_peers(server.port)
+    attacker = raw_peers(server.port)
+
+    attacker_id, _ = attack_during_broadcast(server, state, honest, attacker, attack, {reason})
+
+    assert disconnects[attacker_id] == [reason]
+    assert packets[attacker_id] == [(2, b"fine")], "the offending bytes reached on_recv_packet"
+    honest_id = ids_by_port[local_port(honest)]
+    assert honest_id not in disconnects
+    assert len(server) == 1
+
+    address = f"127.0.0.1:{local_port(attacker)}"
+    warnings = [r for r in caplog.records if r.name == "servercore" and r.levelno == logging.WARNING]
+    naming = [r.getMessage() for r in warnings if address in r.getMessage()]
+    assert len(naming) == 1, f"warnings naming {address}: {naming}"
+    assert reason.name in naming[0], naming[0]
+    honest_address = f"127.0.0.1:{local_port(honest)}"
+    assert not [r for r in warnings if honest_address in r.getMessage()]
+
+
+def test_a_size_zero_header_does_not_spin_the_server(start_server, raw_peers):
+    state = make_recorder()
+    Recorder, packets, disconnects, ids_by_port = state
+    server = start_server(Recorder, io_threads=1)
+    honest = raw_peers(server.port)
+    attacker = raw_peers(server.port)
+    poll_until(server, lambda: len(ids_by_port) == 2)
+    attacker_id = ids_by_port[local_port(attacker)]
+
+    attacker.send(header(0, 7) * 64)
+    poll_until(server, lambda: attacker_id in disconnects, timeout=1.0, message="size-0 attacker not closed in 1 s")
+    assert disconnects[attacker_id] == [DisconnectReason.INVALID_HEADER]
+    assert attacker.wait_closed(1.0)
+    assert packets[attacker_id] == []
+
+    # With one I/O thread, a spinning reader would starve the honest peer.
+    for n in range(20):
+        honest.send(packet(7, SEQ.pack(n)))
+        started = time.monotonic()
+        poll_until(server, lambda: len(packets[ids_by_port[local_port(honest)]]) == n + 1, timeout=1.0)
+        honest.sock.settimeout(1.0)
+        assert honest.recv_packet() == (7, SEQ.pack(n))
+        assert time.monotonic() - started < 1.0
+
+    # Nothing keeps burning CPU once the attacker is gone.
+    cpu_before = time.process_time()
+    wall_before = time.monotonic()
+    while time.monotonic() - wall_before < 0.5:
+        server.poll(0.05)
+    cpu_used = time.process_time() - cpu_before
+    assert cpu_used < 0.25, f"the process used {cpu_used:.2f}s of CPU in 0.5s of idle time"
+
+
+# Seeds 0..4 and 2024 hit an oversized header (seed 0 after one garbage packet
+# that happens to be valid), 14558 after four, 14792 a size below 4.
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 2024, 14558, 14792])
+def test_random_garbage_closes_the_attacker_and_spares_honest_peers(seed, start_server, raw_peers):
+    garbage = random.Random(seed).randbytes(10 * 1024)
+    state = make_recorder()
+    Recorder, packets, disconnects, ids_by_port = state
+    server = start_server(Recorder, packet_timeout=0.5)
+    honest = raw_peers(server.port)
+    attacker = raw_peers(server.port)
+
+    attacker_id, _ = attack_during_broadcast(
+        server, state, honest, attacker, garbage,
+        {DisconnectReason.INVALID_HEADER, DisconnectReason.PACKET_TOO_LARGE, DisconnectReason.PACKET_TIMEOUT},
+        close_within=1.5,
+    )
+    assert ids_by_port[local_port(honest)] not in disconnects
+    assert len(server) == 1
+    # Whatever reached Python was whole packets within the limits.
+    assert all(len(payload) + 4 <= 4096 for _, payload in packets[attacker_id])
+
+
+def test_garbage_ending_in_a_started_packet_is_cut_by_packet_timeout(start_server, raw_peers):
+    rng = random.Random(7)
+    garbage = header(4000, 9) + rng.randbytes(2000)  # the rest of the packet never comes
+    state = make_recorder()
+    Recorder, packets, disconnects, ids_by_port = state
+    server = start_server(Recorder, packet_timeout=0.5)
+    honest = raw_peers(server.port)
+    attacker = raw_peers(server.port)
+    started = time.monotonic()
+    attacker_id, _ = attack_during_broadcast(
+        server, state, honest, attacker, garbage, {DisconnectReason.PACKET_TIMEOUT}, close_within=1.5
+    )
+    assert time.monotonic() - started >= 0.5
+    assert packets[attacker_id] == [(2, b"fine")]
+    assert ids_by_port[local_port(honest)] not in disconnects
