@@ -83,11 +83,13 @@ impl DisconnectReason {
     }
 
     /// Reasons that say something is wrong with the peer or the game code, logged
-    /// as warnings; the ordinary comings and goings are logged at debug level.
+    /// as warnings. The ordinary comings and goings, resets included (a player
+    /// killing the game client is routine), are logged at debug level.
     pub fn is_fault(self) -> bool {
         !matches!(
             self,
             DisconnectReason::ClosedByPeer
+                | DisconnectReason::Reset
                 | DisconnectReason::ClosedLocally
                 | DisconnectReason::ServerShutdown
         )

@@ -283,8 +283,9 @@ impl Connection {
             };
             self.arm_timer();
             let handle = self.farewell.handle.clone();
+            // Unbiased: a session that is sent to without pause must still read,
+            // and one that floods us must still be written to.
             let step = tokio::select! {
-                biased;
                 () = handle.queue.woken() => self.flush(),
                 ready = self.stream.ready(interest) => match ready {
                     Ok(ready) => {
@@ -346,6 +347,9 @@ impl Connection {
             }
         };
         self.queue_batch();
+        // Packets still on their way to the application keep the memory they
+        // came in; an empty buffer need not keep any, which keeps idle sessions small.
+        self.recv.release_if_empty();
         outcome
     }
 

@@ -68,6 +68,13 @@ class RawPeer:
                 raise ConnectionError("closed by the server")
             self.buffer += chunk
 
+    def recv_packet_with_id(self, packet_id: int) -> bytes:
+        """The payload of the next packet with this id, skipping others (broadcasts)."""
+        while True:
+            got_id, payload = self.recv_packet()
+            if got_id == packet_id:
+                return payload
+
     def wait_closed(self, timeout: float = 5.0) -> bool:
         """True once the server has closed the connection (EOF or reset) within `timeout`."""
         self.sock.settimeout(timeout)

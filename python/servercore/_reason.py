@@ -42,9 +42,13 @@ class DisconnectReason(enum.IntEnum):
 
     @property
     def is_fault(self) -> bool:
-        """True for reasons that mean something went wrong (with the peer or the game code)."""
+        """True for reasons that mean the peer broke a rule or the game code raised.
+
+        These are logged as warnings; the rest (resets included) at debug level.
+        """
         return self not in (
             DisconnectReason.CLOSED_BY_PEER,
+            DisconnectReason.RESET,
             DisconnectReason.CLOSED_LOCALLY,
             DisconnectReason.SERVER_SHUTDOWN,
         )
