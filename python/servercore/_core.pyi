@@ -2,13 +2,25 @@
 
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Final, TypeVar, overload
+from typing import Any, Final, TypedDict, TypeVar, final, overload, type_check_only
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, Unpack, disjoint_base
 
 from servercore._reason import DisconnectReason
 
 _S = TypeVar("_S", bound="Service")
+
+__all__ = [
+    "DISCONNECT_REASONS",
+    "HEADER_SIZE",
+    "MAX_PACKET_SIZE",
+    "Client",
+    "PacketSession",
+    "SendBuffer",
+    "Server",
+    "Service",
+    "Session",
+]
 
 DISCONNECT_REASONS: Final[list[tuple[int, str]]]
 """The engine's disconnect reasons as (code, name); `DisconnectReason` mirrors them."""
@@ -17,6 +29,7 @@ MAX_PACKET_SIZE: Final[int]
 HEADER_SIZE: Final[int]
 """Bytes in a packet header: `[size: u16 LE][id: u16 LE]`."""
 
+@disjoint_base
 class Session:
     """A connection's raw byte stream (the lecture's `Session`).
 
@@ -36,11 +49,11 @@ class Session:
     def connected(self) -> bool:
         """True until the session starts closing."""
     @overload
-    def send(self, packet: SendBuffer, /) -> bool: ...
+    def send(self, packet: SendBuffer, payload: None = None, /) -> bool: ...
     @overload
-    def send(self, packet_id: int, payload: Buffer, /) -> bool: ...
-    def send(self, packet: SendBuffer | int, payload: Buffer | None = None) -> bool:
-        """Queue a packet; never blocks and never calls back into Python.
+    def send(self, packet: int, payload: Buffer, /) -> bool:
+        """Queue a packet: `send(packet_id, payload)` or `send(send_buffer)`.
+        Never blocks and never calls back into Python.
 
         Returns False if the session is closing (or this send overflowed
         `max_send_queue_bytes`, which closes it with SEND_QUEUE_FULL). Raises
@@ -79,11 +92,12 @@ class PacketSession(Session):
     def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
         """One whole packet, in arrival order; payload excludes the header."""
 
+@final
 class SendBuffer:
     """One packet encoded once into pooled memory; send it to any number of
     sessions without copying."""
 
-    def __init__(self, packet_id: int, payload: Buffer) -> None: ...
+    def __new__(cls, packet_id: int, payload: Buffer) -> SendBuffer: ...
     @property
     def packet_id(self) -> int: ...
     @property
@@ -95,6 +109,7 @@ class SendBuffer:
     def __bytes__(self) -> bytes:
         """The packet as it goes on the wire, header included."""
 
+@disjoint_base
 class Service:
     """What `Server` and `Client` share (the lecture's `Service`)."""
 
@@ -111,13 +126,10 @@ class Service:
         """Close every session (flushing, bounded by `linger`), deliver each
         `on_disconnected`, end the I/O threads. Idempotent."""
     @overload
-    def broadcast(self, packet: SendBuffer, /, *, exclude: Session | None = None) -> int: ...
+    def broadcast(self, packet: SendBuffer, payload: None = None, /, *, exclude: Session | None = None) -> int: ...
     @overload
-    def broadcast(self, packet_id: int, payload: Buffer, /, *, exclude: Session | None = None) -> int: ...
-    def broadcast(
-        self, packet: SendBuffer | int, payload: Buffer | None = None, *, exclude: Session | None = None
-    ) -> int:
-        """Queue one packet on every connected session (encoded once, shared).
+    def broadcast(self, packet: int, payload: Buffer, /, *, exclude: Session | None = None) -> int:
+        """`broadcast(packet_id, payload)` or `broadcast(send_buffer)`: queue one packet on every connected session (encoded once, shared).
         Returns how many sessions it was queued on."""
     @property
     def sessions(self) -> list[Any]:
@@ -140,29 +152,38 @@ class Service:
         tb: TracebackType | None,
     ) -> bool: ...
 
+@type_check_only
+class SessionOptions(TypedDict, total=False):
+    """Keyword options of `Server(...)` and `Client(...)`; see the README for defaults."""
+
+    io_threads: int | None
+    max_packet_size: int
+    max_send_queue_bytes: int
+    max_pending_recv_bytes: int
+    packet_timeout: float | None
+    idle_timeout: float | None
+    max_packets_per_second: int | None
+    packet_ids: Iterable[int] | None
+    keepalive: bool
+    nodelay: bool
+    linger: float
+
+@type_check_only
+class ServerOptions(SessionOptions, total=False):
+    max_sessions: int
+    backlog: int
+
+@type_check_only
+class ClientOptions(SessionOptions, total=False):
+    connect_timeout: float
+
+@final
 class Server(Service):
     """Accepts connections and makes one session object per connection."""
 
-    def __init__(
-        self,
-        session_class: type[Session],
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        io_threads: int | None = None,
-        max_sessions: int = 10_000,
-        max_packet_size: int = 4096,
-        max_send_queue_bytes: int = 1_048_576,
-        max_pending_recv_bytes: int = 262_144,
-        packet_timeout: float | None = 10.0,
-        idle_timeout: float | None = None,
-        max_packets_per_second: int | None = None,
-        packet_ids: Iterable[int] | None = None,
-        keepalive: bool = True,
-        nodelay: bool = True,
-        linger: float = 1.0,
-        backlog: int = 1024,
-    ) -> None: ...
+    def __new__(
+        cls, session_class: type[Session], host: str = "127.0.0.1", port: int = 0, **options: Unpack[ServerOptions]
+    ) -> Server: ...
     def start(self) -> None:
         """Bind and start the I/O threads. Raises OSError if the address is in use."""
     @property
@@ -171,29 +192,18 @@ class Server(Service):
     def port(self) -> int:
         """The port listened on; the real one once started, also with port=0."""
 
+@final
 class Client(Service):
     """Opens `count` sessions to one server (the lecture's DummyClient)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         session_class: type[Session],
         host: str = "127.0.0.1",
         port: int | None = None,
         count: int = 1,
-        *,
-        io_threads: int | None = None,
-        max_packet_size: int = 4096,
-        max_send_queue_bytes: int = 1_048_576,
-        max_pending_recv_bytes: int = 262_144,
-        packet_timeout: float | None = 10.0,
-        idle_timeout: float | None = None,
-        max_packets_per_second: int | None = None,
-        packet_ids: Iterable[int] | None = None,
-        keepalive: bool = True,
-        nodelay: bool = True,
-        linger: float = 1.0,
-        connect_timeout: float = 10.0,
-    ) -> None: ...
+        **options: Unpack[ClientOptions],
+    ) -> Client: ...
     def start(self) -> None:
         """Connect every session; returns when each attempt has finished.
         Raises ConnectionError (an OSError) if none connected."""

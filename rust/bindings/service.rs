@@ -172,7 +172,7 @@ impl PyService {
     /// Queues one packet on every connected session: `broadcast(packet_id,
     /// payload)` or `broadcast(send_buffer)`. Encoded once, shared by all.
     /// Returns how many sessions it was queued on.
-    #[pyo3(signature = (packet, payload=None, *, exclude=None))]
+    #[pyo3(signature = (packet, payload=None, /, *, exclude=None))]
     fn broadcast(
         &self,
         packet: &Bound<'_, PyAny>,
@@ -254,14 +254,14 @@ pub struct PyServer;
 #[pymethods]
 impl PyServer {
     #[new]
-    #[pyo3(signature = (session_class, host="127.0.0.1".to_string(), port=0, **options))]
+    #[pyo3(signature = (session_class, host="127.0.0.1", port=0, **options))]
     fn new(
         session_class: &Bound<'_, PyAny>,
-        host: String,
+        host: &str,
         port: u16,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let base = PyService::new(session_class, host, port, options, false)?;
+        let base = PyService::new(session_class, host.to_owned(), port, options, false)?;
         Ok(PyClassInitializer::from(base).add_subclass(Self))
     }
 
@@ -314,10 +314,10 @@ pub struct PyClient {
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (session_class, host="127.0.0.1".to_string(), port=None, count=1, **options))]
+    #[pyo3(signature = (session_class, host="127.0.0.1", port=None, count=1, **options))]
     fn new(
         session_class: &Bound<'_, PyAny>,
-        host: String,
+        host: &str,
         port: Option<u16>,
         count: usize,
         options: Option<&Bound<'_, PyDict>>,
@@ -328,7 +328,7 @@ impl PyClient {
         if count == 0 {
             return Err(PyValueError::new_err("count must be at least 1"));
         }
-        let base = PyService::new(session_class, host, port, options, true)?;
+        let base = PyService::new(session_class, host.to_owned(), port, options, true)?;
         Ok(PyClassInitializer::from(base).add_subclass(Self { count }))
     }
 

@@ -71,7 +71,7 @@ impl PySession {
     /// Queues a packet: `send(packet_id, payload)` or `send(send_buffer)`.
     /// Returns False if the session is closing (or this send overflowed its
     /// queue, which closes it with SEND_QUEUE_FULL). Never blocks.
-    #[pyo3(signature = (packet, payload=None))]
+    #[pyo3(signature = (packet, payload=None, /))]
     fn send(&self, packet: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
         let handle = self.handle()?;
         let bytes = packet_from_args(packet, payload, handle.max_packet_size())?;
@@ -94,9 +94,11 @@ impl PySession {
     }
 
     /// Called after a write handed `nbytes` to the kernel; only if overridden.
-    fn on_send(&self, _nbytes: usize) {}
+    #[allow(unused_variables)]
+    fn on_send(&self, nbytes: usize) {}
 
-    fn on_disconnected(&self, _reason: &Bound<'_, PyAny>) {}
+    #[allow(unused_variables)]
+    fn on_disconnected(&self, reason: &Bound<'_, PyAny>) {}
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
         let class = slf.get_type().qualname()?;
@@ -141,5 +143,6 @@ impl PyPacketSession {
         Ok(())
     }
 
-    fn on_recv_packet(&self, _packet_id: u16, _payload: &Bound<'_, PyBytes>) {}
+    #[allow(unused_variables)]
+    fn on_recv_packet(&self, packet_id: u16, payload: &Bound<'_, PyBytes>) {}
 }
