@@ -207,29 +207,34 @@ impl PyService {
             None => return Err(PyRuntimeError::new_err("not started: call start() first")),
         };
         let dict = PyDict::new(py);
-        dict.set_item("sessions", snapshot.sessions)?;
-        dict.set_item("accepted", snapshot.accepted)?;
-        dict.set_item("connected", snapshot.connected)?;
-        dict.set_item("connect_failed", snapshot.connect_failed)?;
-        dict.set_item("rejected", snapshot.rejected)?;
-        dict.set_item("packets_in", snapshot.packets_in)?;
-        dict.set_item("bytes_in", snapshot.bytes_in)?;
-        dict.set_item("packets_out", snapshot.packets_out)?;
-        dict.set_item("bytes_out", snapshot.bytes_out)?;
-        dict.set_item("send_queue_bytes", snapshot.send_queue_bytes)?;
-        dict.set_item("pending_recv_bytes", snapshot.pending_recv_bytes)?;
-        dict.set_item("pending_events", snapshot.pending_events)?;
-        dict.set_item("packets_discarded", snapshot.packets_discarded)?;
+        let figures: [(&str, u64); 18] = [
+            ("sessions", snapshot.sessions as u64),
+            ("accepted", snapshot.accepted),
+            ("connected", snapshot.connected),
+            ("connect_failed", snapshot.connect_failed),
+            ("rejected", snapshot.rejected),
+            ("packets_in", snapshot.packets_in),
+            ("bytes_in", snapshot.bytes_in),
+            ("packets_out", snapshot.packets_out),
+            ("bytes_out", snapshot.bytes_out),
+            ("send_queue_bytes", snapshot.send_queue_bytes as u64),
+            ("pending_recv_bytes", snapshot.pending_recv_bytes as u64),
+            ("pending_events", snapshot.pending_events as u64),
+            ("packets_discarded", snapshot.packets_discarded),
+            ("pool_chunk_size", snapshot.pool.chunk_size as u64),
+            ("pool_chunks", snapshot.pool.chunks as u64),
+            ("pool_chunks_in_use", snapshot.pool.chunks_in_use as u64),
+            ("pool_buffers_encoded", snapshot.pool.buffers_encoded),
+            ("pool_bytes_encoded", snapshot.pool.bytes_encoded),
+        ];
+        for (name, value) in figures {
+            dict.set_item(name, value)?;
+        }
         let disconnects = PyDict::new(py);
         for (reason, count) in snapshot.disconnects {
             disconnects.set_item(reason.name(), count)?;
         }
         dict.set_item("disconnects", disconnects)?;
-        dict.set_item("pool_chunk_size", snapshot.pool.chunk_size)?;
-        dict.set_item("pool_chunks", snapshot.pool.chunks)?;
-        dict.set_item("pool_chunks_in_use", snapshot.pool.chunks_in_use)?;
-        dict.set_item("pool_buffers_encoded", snapshot.pool.buffers_encoded)?;
-        dict.set_item("pool_bytes_encoded", snapshot.pool.bytes_encoded)?;
         Ok(dict)
     }
 
