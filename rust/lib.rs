@@ -13,6 +13,7 @@
 //! - [`send_buffer`]: pooled chunks that packets are encoded into once and shared.
 //! - [`send_queue`]: one session's outgoing packets and its writer-registered flag.
 //! - [`session`]: a connection's handle (send, close) and its driver task.
+//! - [`coalesce`]: sends made during a batch of callbacks wake each writer once.
 //! - [`registry`]: the open sessions and the broadcast over them.
 //! - [`dispatch`]: events to the application thread, in batches.
 //! - [`service`]: the runtime, the accept loop, the N-session client, shutdown.
@@ -20,6 +21,7 @@
 //! Nothing here knows Python; the PyO3 bindings live in `bindings` behind the
 //! `python` feature and drive this crate like any other application would.
 
+pub mod coalesce;
 pub mod config;
 pub mod dispatch;
 pub mod frame;

@@ -32,7 +32,8 @@ pub enum Push {
 #[derive(Default)]
 pub struct SendQueue {
     state: Mutex<QueueState>,
-    /// Wakes the session's driver: data was queued, or a close was requested.
+    /// Wakes the session's driver: data was queued, a close was requested, or
+    /// (through the session) the application caught up with a paused reader.
     wakeup: Notify,
 }
 
@@ -50,27 +51,41 @@ struct QueueState {
 }
 
 impl SendQueue {
-    /// Queues `packet` unless that would make more than `max_unsent_bytes` wait.
+    /// Queues `packet` unless that would make more than `max_unsent_bytes` wait,
+    /// and wakes the writer if it was idle.
     pub fn push(&self, packet: Bytes, max_unsent_bytes: usize) -> Push {
+        let (outcome, wake_writer) = self.push_quietly(packet, max_unsent_bytes);
+        if wake_writer {
+            self.wake_writer();
+        }
+        outcome
+    }
+
+    /// [`push`](Self::push) that leaves waking an idle writer to the caller:
+    /// returns whether [`wake_writer`](Self::wake_writer) is owed. Lets a batch
+    /// of sends wake each writer once, at its end.
+    pub fn push_quietly(&self, packet: Bytes, max_unsent_bytes: usize) -> (Push, bool) {
         let mut state = self.lock();
         if state.close.is_some() || state.finished {
-            return Push::Closed;
+            return (Push::Closed, false);
         }
         if state.unsent_bytes + packet.len() > max_unsent_bytes {
             state.close = Some(DisconnectReason::SendQueueFull);
             state.overflow = Some((state.unsent_bytes, packet.len()));
             drop(state);
-            self.wakeup.notify_one();
-            return Push::Full;
+            // A close is never deferred.
+            self.wake_writer();
+            return (Push::Full, false);
         }
         state.unsent_bytes += packet.len();
         state.queued.push(packet);
         let register = !std::mem::replace(&mut state.writer_registered, true);
-        drop(state);
-        if register {
-            self.wakeup.notify_one();
-        }
-        Push::Queued
+        (Push::Queued, register)
+    }
+
+    /// Wakes the session's driver to write what is queued.
+    pub fn wake_writer(&self) {
+        self.wakeup.notify_one();
     }
 
     /// Records why the session is closing. The first reason wins; returns whether
@@ -164,6 +179,18 @@ mod tests {
         assert!(!queue.collect(20, &mut in_flight));
         assert!(!queue.lock().writer_registered);
         assert_eq!(queue.unsent_bytes(), 0);
+    }
+
+    #[test]
+    fn a_quiet_push_owes_a_wakeup_only_to_an_idle_writer() {
+        let queue = SendQueue::default();
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, true));
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, false));
+        let mut in_flight = VecDeque::new();
+        queue.collect(0, &mut in_flight);
+        in_flight.clear();
+        assert!(!queue.collect(2, &mut in_flight));
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, true));
     }
 
     #[test]

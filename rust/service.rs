@@ -32,6 +32,17 @@ pub struct ServiceShared {
 }
 
 impl ServiceShared {
+    pub(crate) fn new(config: ServiceConfig) -> Arc<Self> {
+        Arc::new(ServiceShared {
+            config,
+            stats: ServiceStats::default(),
+            events: EventQueue::default(),
+            registry: SessionRegistry::default(),
+            pool: SendBufferPool::global(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
     /// Registers a connected socket and starts its driver. A stopping service, or
     /// one at `max_sessions`, closes it instead.
     fn start_session(self: &Arc<Self>, runtime: &tokio::runtime::Handle, stream: TcpStream, peer: SocketAddr) -> bool {
@@ -83,15 +94,7 @@ impl Service {
             .thread_name(format!("servercore-{role}-io"))
             .enable_all()
             .build()?;
-        let shared = Arc::new(ServiceShared {
-            config,
-            stats: ServiceStats::default(),
-            events: EventQueue::default(),
-            registry: SessionRegistry::default(),
-            pool: SendBufferPool::global(),
-            next_id: AtomicU64::new(1),
-        });
-        Ok(Self { shared, runtime: Some(runtime), accept_task: None })
+        Ok(Self { shared: ServiceShared::new(config), runtime: Some(runtime), accept_task: None })
     }
 
     pub fn shared(&self) -> &Arc<ServiceShared> {

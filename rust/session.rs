@@ -13,6 +13,7 @@
 //! the socket is closed first and then exactly one `Disconnected` event is queued:
 //! that order is fixed by the field order of [`Connection`].
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -25,9 +26,9 @@ use bytes::{Buf, Bytes};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
+use crate::coalesce;
 use crate::config::Framing;
 use crate::dispatch::Event;
 use crate::frame::FrameError;
@@ -54,8 +55,22 @@ const EVENT_OVERHEAD: usize = 64;
 /// At most this many slices per gathered write (Linux's `IOV_MAX` is 1024).
 const MAX_WRITE_SLICES: usize = 256;
 
+/// Slots of the in-flight queue a session keeps once everything is written.
+const IDLE_IN_FLIGHT_CAPACITY: usize = 16;
+
 /// A read turn stops after this many bytes so one flooding peer yields its thread.
 const READ_TURN_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// Events cut by the drivers running on this thread, queued in one batch at
+    /// the end of each read or write. Per thread, not per session: between two
+    /// reads a session holds no event memory.
+    static BATCH: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
+}
+
+fn push_event(event: Event) {
+    BATCH.with_borrow_mut(|batch| batch.push(event));
+}
 
 /// The application's side of a session: send, close, ask.
 pub struct SessionHandle {
@@ -108,7 +123,9 @@ impl SessionHandle {
     }
 
     /// Queues an encoded packet. Never blocks and never waits for the socket.
-    pub fn send(&self, packet: Bytes) -> Push {
+    /// Inside a [`WriteBatch`](crate::coalesce::WriteBatch) the writer is woken
+    /// when the batch ends.
+    pub fn send(self: &Arc<Self>, packet: Bytes) -> Push {
         let len = packet.len();
         // Counted before it is queued: the writer may take it off at once.
         let counter = &self.service.stats.send_queue_bytes;
@@ -122,8 +139,17 @@ impl SessionHandle {
 
     /// [`send`](Self::send) without the service-wide byte count, which a
     /// broadcast adds once for all its recipients.
-    pub(crate) fn enqueue(&self, packet: Bytes) -> Push {
-        self.queue.push(packet, self.service.config.session.max_send_queue_bytes)
+    pub(crate) fn enqueue(self: &Arc<Self>, packet: Bytes) -> Push {
+        let (outcome, wake_writer) =
+            self.queue.push_quietly(packet, self.service.config.session.max_send_queue_bytes);
+        if wake_writer {
+            coalesce::wake_or_defer(self);
+        }
+        outcome
+    }
+
+    pub(crate) fn wake_writer(&self) {
+        self.queue.wake_writer();
     }
 
     /// Closes the session from the application's side: what was queued before
@@ -153,7 +179,10 @@ impl SessionHandle {
     /// packet or chunk of `len` bytes, so a paused reader can go on.
     pub fn release_received(&self, len: usize) {
         let weight = len + EVENT_OVERHEAD;
-        self.inbound.release(weight);
+        if self.inbound.release(weight) {
+            // The driver's one wakeup also serves a reader that may go on.
+            self.queue.wake_writer();
+        }
         self.service.stats.pending_recv_bytes.fetch_sub(weight, Ordering::Relaxed);
     }
 }
@@ -169,12 +198,11 @@ impl fmt::Debug for SessionHandle {
 struct InboundBacklog {
     pending: AtomicUsize,
     limit: usize,
-    resumed: Notify,
 }
 
 impl InboundBacklog {
     fn new(limit: usize) -> Self {
-        Self { pending: AtomicUsize::new(0), limit: limit.max(1), resumed: Notify::new() }
+        Self { pending: AtomicUsize::new(0), limit: limit.max(1) }
     }
 
     fn add(&self, weight: usize) {
@@ -185,11 +213,10 @@ impl InboundBacklog {
         self.pending.load(Ordering::Acquire) >= self.limit
     }
 
-    fn release(&self, weight: usize) {
+    /// Returns true when this release lets a paused reader go on.
+    fn release(&self, weight: usize) -> bool {
         let before = self.pending.fetch_sub(weight, Ordering::AcqRel);
-        if before >= self.limit && before - weight < self.limit {
-            self.resumed.notify_one();
-        }
+        before >= self.limit && before - weight < self.limit
     }
 }
 
@@ -200,6 +227,7 @@ pub(crate) async fn drive(stream: TcpStream, handle: Arc<SessionHandle>) {
     let mut connection = Connection::new(stream, handle);
     let reason = connection.serve().await;
     connection.finish(reason).await;
+    // Dropping the connection closes the socket, then queues `Disconnected`.
 }
 
 /// Why the serve loop stopped, with what a log line needs.
@@ -234,31 +262,27 @@ struct Connection {
     recv: RecvBuffer,
     /// Packets taken from the send queue and not yet fully written.
     in_flight: VecDeque<Bytes>,
-    /// Events cut from the current read, queued in one batch.
-    batch: Vec<Event>,
     /// When the first byte of the current incomplete packet arrived.
     packet_started: Option<Instant>,
     last_received: Instant,
     rate_window: RateWindow,
-    timer: Pin<Box<Sleep>>,
-    timer_armed: bool,
+    /// Armed at the nearest deadline; none while no deadline applies, which
+    /// keeps the timer's memory off idle sessions.
+    timer: Option<Pin<Box<Sleep>>>,
     farewell: Farewell,
 }
 
 impl Connection {
     fn new(stream: TcpStream, handle: Arc<SessionHandle>) -> Self {
         let now = Instant::now();
-        let read_size = handle.service.config.session.read_size;
         Self {
             stream,
-            recv: RecvBuffer::new(read_size),
+            recv: RecvBuffer::new(handle.service.config.session.read_size),
             in_flight: VecDeque::new(),
-            batch: Vec::new(),
             packet_started: None,
             last_received: now,
             rate_window: RateWindow::new(now),
-            timer: Box::pin(tokio::time::sleep_until(now)),
-            timer_armed: false,
+            timer: None,
             farewell: Farewell { handle, detail: None, reported: false },
         }
     }
@@ -303,9 +327,8 @@ impl Connection {
                     }
                     Err(error) => Err(Stop::io(&error)),
                 },
-                () = handle.inbound.resumed.notified(), if paused => Ok(()),
-                () = self.timer.as_mut(), if self.timer_armed => {
-                    self.timer_armed = false;
+                () = expiry(&mut self.timer), if self.timer.is_some() => {
+                    self.timer = None;
                     self.check_deadlines()
                 }
             };
@@ -372,7 +395,7 @@ impl Connection {
             Framing::Raw => {
                 let data = self.recv.take(self.recv.len());
                 weight = data.len() + EVENT_OVERHEAD;
-                self.batch.push(Event::Received { session: handle.id, data });
+                push_event(Event::Received { session: handle.id, data });
                 Ok(())
             }
             Framing::Packets => loop {
@@ -380,7 +403,7 @@ impl Connection {
                     Ok(Some((packet_id, payload))) => {
                         packets += 1;
                         weight += payload.len() + EVENT_OVERHEAD;
-                        self.batch.push(Event::Packet { session: handle.id, packet_id, payload });
+                        push_event(Event::Packet { session: handle.id, packet_id, payload });
                     }
                     Ok(None) => break Ok(()),
                     Err(error) => break Err(Stop::frame(error)),
@@ -408,8 +431,8 @@ impl Connection {
         result
     }
 
-    fn queue_batch(&mut self) {
-        self.farewell.handle.service.events.push_all(&mut self.batch);
+    fn queue_batch(&self) {
+        BATCH.with_borrow_mut(|batch| self.farewell.handle.service.events.push_all(batch));
     }
 
     /// Writes everything queued, in gathered writes, until the queue is empty or
@@ -430,7 +453,7 @@ impl Connection {
                     bytes_written += bytes;
                     packets_written += packets;
                     if handle.service.config.session.report_sent {
-                        self.batch.push(Event::Sent { session: handle.id, nbytes: bytes });
+                        push_event(Event::Sent { session: handle.id, nbytes: bytes });
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
@@ -438,6 +461,10 @@ impl Connection {
                 Err(e) => break Err(Stop::io(&e)),
             }
         };
+        if self.in_flight.is_empty() && self.in_flight.capacity() > IDLE_IN_FLIGHT_CAPACITY {
+            // A burst's worth of slots is not kept for the rest of a quiet session.
+            self.in_flight = VecDeque::new();
+        }
         let stats = &handle.service.stats;
         stats.send_queue_bytes.fetch_sub(bytes_written, Ordering::Relaxed);
         ServiceStats::add(&stats.bytes_out, bytes_written as u64);
@@ -497,12 +524,11 @@ impl Connection {
     /// (more bytes arrived) is not chased: when the timer fires early it is
     /// simply set again, which costs one reset per timeout period, not per read.
     fn arm_timer(&mut self) {
-        match self.next_deadline() {
-            Some(deadline) if !self.timer_armed || deadline < self.timer.deadline() => {
-                self.timer.as_mut().reset(deadline);
-                self.timer_armed = true;
-            }
-            _ => {}
+        match (self.next_deadline(), &mut self.timer) {
+            (None, timer) => *timer = None,
+            (Some(deadline), Some(timer)) if deadline < timer.deadline() => timer.as_mut().reset(deadline),
+            (Some(_), Some(_)) => {}
+            (Some(deadline), timer @ None) => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
     }
 
@@ -535,7 +561,7 @@ impl Connection {
 
     /// Settles the reason, lingers if the close was the application's, and
     /// records the details for the one log line.
-    async fn finish(mut self, stop: Stop) {
+    async fn finish(&mut self, stop: Stop) {
         let handle = self.farewell.handle.clone();
         // The first reason wins: a kick that came before this socket error stays a kick.
         handle.queue.request_close(stop.reason);
@@ -550,7 +576,8 @@ impl Connection {
         }
         if reason.flushes_queue() {
             let linger = handle.service.config.session.linger;
-            if tokio::time::timeout(linger, self.linger()).await.is_err() {
+            // Boxed: only a closing session pays for the lingering future.
+            if Box::pin(tokio::time::timeout(linger, self.linger())).await.is_err() {
                 let unsent = handle.queue.unsent_bytes();
                 if unsent > 0 {
                     self.farewell.detail =
@@ -558,7 +585,6 @@ impl Connection {
                 }
             }
         }
-        // Dropping `self` closes the socket, then queues `Disconnected`.
     }
 
     /// Flushes what was queued before the close, sends FIN, and waits for the
@@ -579,7 +605,9 @@ impl Connection {
         if SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write).is_err() {
             return;
         }
-        let mut discard = [0u8; 4096];
+        // On the heap and only now: a buffer in the future itself would be paid
+        // for by every idle session for its whole life.
+        let mut discard = vec![0u8; 4096];
         loop {
             if self.stream.readable().await.is_err() {
                 return;
@@ -591,6 +619,13 @@ impl Connection {
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// Resolves when the armed timer fires.
+async fn expiry(timer: &mut Option<Pin<Box<Sleep>>>) {
+    if let Some(timer) = timer {
+        timer.as_mut().await;
     }
 }
 
@@ -649,5 +684,26 @@ impl RateWindow {
         }
         self.packets += packets;
         if self.packets > u64::from(limit) { Err(self.packets) } else { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServiceConfig;
+
+    /// Every session's driver future lives as long as the connection: what it
+    /// holds across an await is paid by each of ten thousand idle players.
+    #[tokio::test]
+    async fn an_idle_sessions_driver_is_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let service = ServiceShared::new(ServiceConfig::default());
+        let handle = Arc::new(SessionHandle::new(SessionId(1), peer, service));
+        let driver = drive(stream, handle);
+        let size = std::mem::size_of_val(&driver);
+        assert!(size <= 768, "the driver future takes {size} bytes");
+        assert!(std::mem::size_of::<SessionHandle>() <= 256);
     }
 }

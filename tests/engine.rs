@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use _core::coalesce::WriteBatch;
 use _core::send_buffer::SendBufferPool;
 use _core::{DisconnectReason, Event, Server, ServiceConfig, SessionHandle, SessionId};
 
@@ -282,4 +283,25 @@ fn a_flooder_over_the_packet_rate_is_disconnected() {
     let _ = flooder.write_all(&burst);
     assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::RateLimited);
+}
+
+#[test]
+fn sends_inside_a_write_batch_leave_when_the_batch_ends() {
+    let server = listen(ServiceConfig::default());
+    let mut app = App::default();
+    let mut client = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions.len() == 1));
+    let handle = app.sessions.values().next().unwrap().clone();
+    let batch = WriteBatch::begin();
+    for i in 0..32u16 {
+        handle.send(SendBufferPool::global().encode(i, b"answer").unwrap());
+    }
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut probe = [0u8; 1];
+    assert!(client.peek(&mut probe).is_err(), "nothing is written before the batch ends");
+    drop(batch);
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 0..32u16 {
+        assert_eq!(read_packet(&mut client), (i, b"answer".to_vec()));
+    }
 }

@@ -20,6 +20,7 @@ use rustc_hash::FxHashMap;
 
 use super::logging;
 use super::session::{PyPacketSession, PySession};
+use crate::coalesce::WriteBatch;
 use crate::config::Framing;
 use crate::dispatch::Event;
 use crate::reason::DisconnectReason;
@@ -28,6 +29,10 @@ use crate::session::{SessionHandle, SessionId};
 
 /// How long `poll(None)` waits at a time before it looks for Ctrl-C.
 const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Events delivered between two wakeups of the writers their callbacks sent to:
+/// bounds the latency that coalescing adds to a long batch.
+const WRITE_BATCH_EVENTS: usize = 256;
 
 /// One callback of the session class, resolved once per class rather than
 /// looked up per packet.
@@ -242,11 +247,17 @@ impl Dispatcher {
 
     fn deliver_pending(&self, py: Python<'_>, shared: &ServiceShared, delivery: &mut Delivery) -> PyResult<usize> {
         logging::flush(py)?;
+        // Answers given by these callbacks leave in one write per session.
+        let writes = WriteBatch::begin();
         let mut delivered = 0;
         while let Some(event) = delivery.pending.pop_front() {
             delivered += 1;
             self.deliver(py, shared, event)?;
+            if delivered % WRITE_BATCH_EVENTS == 0 {
+                writes.flush();
+            }
         }
+        drop(writes);
         logging::flush(py)?;
         Ok(delivered)
     }
