@@ -1,0 +1,966 @@
+//! The one load client of servercore's benchmarks: the same Rust client drives
+//! every server (servercore, asyncio, uvloop, the Rust floor), so the client is
+//! never what is measured.
+//!
+//! Protocol: `[size u16 LE][id u16 LE][payload]`, `size` counting the 4 header
+//! bytes. Packet ids used here:
+//!
+//! - `1`      broadcast payload: `[seq u32 LE][...]` (B1), or the Hello World packet.
+//! - `2`      echo: `[seq u32 LE][send time u64 LE ns][padding]`; the server returns it as is.
+//! - `0xFFF0` control, client to server: `[packets u32 LE][size u32 LE]` = "broadcast now".
+//! - `0xFFF1` query, client to server, empty; the server answers with the same id
+//!   and `[sessions u32 LE]`, the sessions it has announced to the application.
+//!   Every subcommand uses it after connecting, so that timing starts only when
+//!   the server has taken in every connection.
+//!
+//! Every packet is checked; any mismatch is an error, counted in the JSON line,
+//! and makes the exit status non-zero.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+const ID_BROADCAST: u16 = 1;
+const ID_ECHO: u16 = 2;
+const ID_CONTROL: u16 = 0xFFF0;
+const ID_QUERY: u16 = 0xFFF1;
+const HEADER: usize = 4;
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load client for servercore benchmarks (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// B1: all clients receive `packets` broadcasts, each checked in order.
+    Broadcast(BroadcastArgs),
+    /// E1: each client keeps `inflight` echoes outstanding until `count` came back.
+    Echo(EchoArgs),
+    /// L1: echo with one packet in flight per client; reports RTT percentiles.
+    Latency(LatencyArgs),
+    /// M1 / Hello: open N connections, hold them, drain and check what arrives.
+    Idle(IdleArgs),
+    /// Send `count` tiny packets as fast as possible (the dispatch floor).
+    Flood(FloodArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Server address; only loopback addresses are accepted.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    #[arg(long)]
+    port: u16,
+    /// Whole-run limit in seconds; past it the run fails with what it has.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Skip the 0xFFF1 "how many sessions" handshake after connecting.
+    #[arg(long)]
+    no_ready_check: bool,
+}
+
+#[derive(Args)]
+struct BroadcastArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    #[arg(long, default_value_t = 5000)]
+    packets: u32,
+    /// Payload bytes per broadcast packet (at least 4: the sequence number).
+    #[arg(long, default_value_t = 64)]
+    size: u32,
+    #[arg(long, default_value = "B1")]
+    label: String,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    #[arg(long, default_value_t = 2000)]
+    count: u64,
+    /// Payload bytes per echo packet (at least 12: sequence and send time).
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    #[arg(long, default_value = "E1")]
+    label: String,
+}
+
+#[derive(Args)]
+struct LatencyArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    #[arg(long, default_value_t = 2000)]
+    count: u64,
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    #[arg(long, default_value = "L1")]
+    label: String,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Seconds to hold the connections after all are up (or until stdin closes).
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+    /// Ignore stdin: hold for `--hold` seconds even if stdin is closed.
+    #[arg(long)]
+    ignore_stdin: bool,
+    /// If set, every id-1 packet must have this payload size and begin with
+    /// "Hello World" (the lecture's case).
+    #[arg(long)]
+    expect_hello: Option<usize>,
+    /// Sessions the server must report before "connected" is printed
+    /// (default: --clients; more when other clients are already connected).
+    #[arg(long)]
+    expect_sessions: Option<usize>,
+}
+
+#[derive(Args)]
+struct FloodArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Packets in all, split over the clients.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    #[arg(long, default_value_t = 8)]
+    size: usize,
+    #[arg(long, default_value_t = 1)]
+    id: u16,
+    /// Seconds to keep the connections open after sending (or until stdin closes).
+    #[arg(long, default_value_t = 60.0)]
+    hold: f64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    raise_nofile_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Broadcast(args) => broadcast(args).await,
+            Command::Echo(args) => {
+                let EchoArgs { common, clients, inflight, count, size, label } = args;
+                echo(common, clients, inflight, count, size, label).await
+            }
+            Command::Latency(args) => {
+                let LatencyArgs { common, clients, count, size, label } = args;
+                echo(common, clients, 1, count, size, label).await
+            }
+            Command::Idle(args) => idle(args).await,
+            Command::Flood(args) => flood(args).await,
+        }
+    });
+    let _ = io::stdout().flush();
+    // Exit without waiting for tasks still holding sockets.
+    std::process::exit(code);
+}
+
+// ---------------------------------------------------------------- utilities
+
+fn raise_nofile_limit() {
+    // SAFETY: plain libc calls with a valid, owned struct.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn nofile_limit() -> u64 {
+    // SAFETY: as above.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 { limit.rlim_cur } else { 0 }
+    }
+}
+
+fn address(common: &Common) -> Result<SocketAddr, String> {
+    if !common.host.is_loopback() {
+        return Err(format!("refusing {}: loadgen only sends to loopback addresses", common.host));
+    }
+    Ok(SocketAddr::new(common.host, common.port))
+}
+
+fn put_header(out: &mut Vec<u8>, id: u16, payload_len: usize) {
+    let size = u16::try_from(HEADER + payload_len).expect("packet fits a u16 size");
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
+}
+
+fn fail(label: &str, message: &str) -> i32 {
+    eprintln!("loadgen {label}: {message}");
+    println!("{{\"workload\":{},\"errors\":1,\"error\":{}}}", json_str(label), json_str(message));
+    1
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A receive buffer that cuts whole packets, reused for the whole connection.
+struct FrameBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameBuf {
+    fn new(capacity: usize) -> Self {
+        Self { buf: vec![0; capacity.max(64)], start: 0, end: 0 }
+    }
+
+    /// Reads once into the free tail (compacting or growing first if needed).
+    async fn fill<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> io::Result<usize> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.buf.len() - self.end < 1024 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let len = self.buf.len();
+            self.buf.resize(len * 2, 0);
+        }
+        let n = reader.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// The next whole packet, if one is buffered. A size below 4 is an error.
+    fn next(&mut self) -> Result<Option<(u16, &[u8])>, String> {
+        let avail = self.end - self.start;
+        if avail < HEADER {
+            return Ok(None);
+        }
+        let b = &self.buf[self.start..self.end];
+        let size = usize::from(u16::from_le_bytes([b[0], b[1]]));
+        let id = u16::from_le_bytes([b[2], b[3]]);
+        if size < HEADER {
+            return Err(format!("invalid header from server: size {size} < 4 (id {id})"));
+        }
+        if avail < size {
+            if size > self.buf.len() {
+                // Make room for the whole packet.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                self.buf.resize(size.next_power_of_two(), 0);
+            }
+            return Ok(None);
+        }
+        let from = self.start + HEADER;
+        let to = self.start + size;
+        self.start = to;
+        Ok(Some((id, &self.buf[from..to])))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
+/// Connects `n` clients, `concurrency` attempts at a time, TCP_NODELAY on each.
+async fn connect_all(addr: SocketAddr, n: usize, concurrency: usize) -> Result<Vec<TcpStream>, String> {
+    let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut attempts = JoinSet::new();
+    for i in 0..n {
+        let semaphore = semaphore.clone();
+        attempts.spawn(async move {
+            let _permit = semaphore.acquire_owned().await.expect("semaphore open");
+            let stream = match tokio::time::timeout(Duration::from_secs(15), TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(format!("connection {i}: {e}")),
+                Err(_) => return Err(format!("connection {i}: no connection within 15 s")),
+            };
+            stream.set_nodelay(true).map_err(|e| format!("connection {i}: set_nodelay: {e}"))?;
+            Ok((i, stream))
+        });
+    }
+    let mut streams: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut first_error = None;
+    let mut failed = 0usize;
+    while let Some(joined) = attempts.join_next().await {
+        match joined.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok((i, stream)) => streams[i] = Some(stream),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(format!(
+            "{failed} of {n} connections failed (first: {e}; RLIMIT_NOFILE {})",
+            nofile_limit()
+        ));
+    }
+    Ok(streams.into_iter().map(|s| s.expect("every connection accounted for")).collect())
+}
+
+/// Asks the server (0xFFF1) until it reports at least `want` sessions. Packets
+/// of other ids that arrive meanwhile are handed to `other`. Returns the count.
+async fn await_sessions(
+    stream: &mut TcpStream,
+    frames: &mut FrameBuf,
+    want: usize,
+    timeout: Duration,
+    other: &mut dyn FnMut(u16, &[u8]) -> Result<(), String>,
+) -> Result<usize, String> {
+    let deadline = Instant::now() + timeout;
+    let mut query = Vec::new();
+    put_header(&mut query, ID_QUERY, 0);
+    let mut last = 0usize;
+    loop {
+        stream.write_all(&query).await.map_err(|e| format!("ready check: write: {e}"))?;
+        let count = 'reply: loop {
+            while let Some((id, payload)) = frames.next()? {
+                if id == ID_QUERY {
+                    if payload.len() != 4 {
+                        return Err(format!("ready check: reply of {} bytes, expected 4", payload.len()));
+                    }
+                    break 'reply u32::from_le_bytes(payload.try_into().expect("4 bytes")) as usize;
+                }
+                other(id, payload)?;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, frames.fill(stream)).await {
+                Ok(Ok(0)) => return Err("ready check: server closed the connection".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("ready check: read: {e}")),
+                Err(_) => return Err(format!("ready check: server had {last} of {want} sessions at the timeout")),
+            }
+        };
+        last = count;
+        if count >= want {
+            return Ok(count);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("ready check: server had {count} of {want} sessions at the timeout"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((q * sorted.len() as f64).ceil() as usize).saturating_sub(1).min(sorted.len() - 1);
+    sorted[index]
+}
+
+fn micros(ns: u64) -> f64 {
+    (ns as f64 / 1000.0 * 10.0).round() / 10.0
+}
+
+// ---------------------------------------------------------------- broadcast
+
+async fn broadcast(args: BroadcastArgs) -> i32 {
+    let label = args.label.clone();
+    match broadcast_run(args).await {
+        Ok(code) => code,
+        Err(e) => fail(&label, &e),
+    }
+}
+
+async fn broadcast_run(args: BroadcastArgs) -> Result<i32, String> {
+    let addr = address(&args.common)?;
+    if args.size < 4 {
+        return Err("--size must be at least 4 (the u32 sequence number)".into());
+    }
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let timeout = Duration::from_secs_f64(args.common.timeout);
+    let mut streams = connect_all(addr, args.clients, args.common.connect_concurrency).await?;
+    let mut frames0 = FrameBuf::new(64 * 1024);
+    if !args.common.no_ready_check {
+        await_sessions(&mut streams[0], &mut frames0, args.clients, timeout, &mut |id, _| {
+            Err(format!("unexpected packet id {id} before the broadcast started"))
+        })
+        .await?;
+    }
+    let progress: Arc<Vec<AtomicU32>> = Arc::new((0..args.clients).map(|_| AtomicU32::new(0)).collect());
+    let mut tasks = JoinSet::new();
+    let mut control_writer = None;
+    for (i, stream) in streams.into_iter().enumerate() {
+        let progress = progress.clone();
+        let (packets, size) = (args.packets, args.size as usize);
+        let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(64 * 1024) };
+        if i == 0 {
+            let (reader, writer) = stream.into_split();
+            control_writer = Some(writer);
+            tasks.spawn(async move { (i, receive_broadcasts(reader, frames, packets, size, &progress[i]).await) });
+        } else {
+            tasks.spawn(async move {
+                let mut stream = stream;
+                (i, receive_broadcasts(&mut stream, frames, packets, size, &progress[i]).await)
+            });
+        }
+    }
+    let mut control = Vec::new();
+    put_header(&mut control, ID_CONTROL, 8);
+    control.extend_from_slice(&args.packets.to_le_bytes());
+    control.extend_from_slice(&args.size.to_le_bytes());
+    let started = Instant::now();
+    control_writer
+        .as_mut()
+        .expect("client 0 exists")
+        .write_all(&control)
+        .await
+        .map_err(|e| format!("sending the control packet: {e}"))?;
+
+    let mut finished = Vec::with_capacity(args.clients);
+    let mut errors = Vec::new();
+    let deadline = started + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tasks.join_next()).await {
+            Ok(Some(Ok((_, Ok(done))))) => finished.push(done),
+            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
+            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                let got: Vec<u32> = progress.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+                let behind = got.iter().filter(|&&g| g < args.packets).count();
+                errors.push(format!(
+                    "timeout after {:.1} s: {behind} clients incomplete, fewest packets received {} of {}",
+                    timeout.as_secs_f64(),
+                    got.iter().min().copied().unwrap_or(0),
+                    args.packets
+                ));
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    drop(control_writer);
+    let seconds = finished.iter().max().map_or(0.0, |last| last.duration_since(started).as_secs_f64());
+    let total = args.clients as u64 * u64::from(args.packets);
+    let received: u64 = progress.iter().map(|p| u64::from(p.load(Ordering::Relaxed))).sum();
+    for e in errors.iter().take(10) {
+        eprintln!("loadgen {}: {e}", args.label);
+    }
+    let rate = if seconds > 0.0 && errors.is_empty() { total as f64 / seconds } else { 0.0 };
+    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
+    println!(
+        "{{\"workload\":{},\"clients\":{},\"packets_per_client\":{},\"size\":{},\"total_packets\":{},\"received_packets\":{},\"seconds\":{:.6},\"packets_per_sec\":{:.1},\"errors\":{}{}}}",
+        json_str(&args.label),
+        args.clients,
+        args.packets,
+        args.size,
+        total,
+        received,
+        seconds,
+        rate,
+        errors.len(),
+        first
+    );
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// Reads one client's broadcasts until all `packets` arrived, each checked:
+/// id 1, payload `size` bytes, sequence number the next expected.
+async fn receive_broadcasts<R: AsyncRead + Unpin>(
+    mut reader: R,
+    mut frames: FrameBuf,
+    packets: u32,
+    size: usize,
+    progress: &AtomicU32,
+) -> Result<Instant, String> {
+    let mut expected: u32 = 0;
+    loop {
+        while let Some((id, payload)) = frames.next()? {
+            if id != ID_BROADCAST {
+                return Err(format!("packet id {id} where broadcast {expected} (id 1) was expected"));
+            }
+            if payload.len() != size {
+                return Err(format!("broadcast {expected}: payload {} bytes, expected {size}", payload.len()));
+            }
+            let seq = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+            if seq != expected {
+                return Err(format!("sequence {seq} where {expected} was expected (gap or reorder)"));
+            }
+            expected += 1;
+            if expected == packets {
+                progress.store(expected, Ordering::Relaxed);
+                if !frames.is_empty() {
+                    return Err(format!("bytes after the last of {packets} broadcasts"));
+                }
+                return Ok(Instant::now());
+            }
+        }
+        progress.store(expected, Ordering::Relaxed);
+        if packets == 0 {
+            return Ok(Instant::now());
+        }
+        match frames.fill(&mut reader).await {
+            Ok(0) => return Err(format!("server closed the connection after {expected} of {packets} broadcasts")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read after {expected} of {packets} broadcasts: {e}")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- echo / latency
+
+async fn echo(common: Common, clients: usize, inflight: usize, count: u64, size: usize, label: String) -> i32 {
+    match echo_run(common, clients, inflight, count, size, &label).await {
+        Ok(code) => code,
+        Err(e) => fail(&label, &e),
+    }
+}
+
+async fn echo_run(
+    common: Common,
+    clients: usize,
+    inflight: usize,
+    count: u64,
+    size: usize,
+    label: &str,
+) -> Result<i32, String> {
+    let addr = address(&common)?;
+    if size < 12 {
+        return Err("--size must be at least 12 (u32 sequence and u64 send time)".into());
+    }
+    if clients == 0 || inflight == 0 {
+        return Err("--clients and --inflight must be at least 1".into());
+    }
+    let timeout = Duration::from_secs_f64(common.timeout);
+    let mut streams = connect_all(addr, clients, common.connect_concurrency).await?;
+    let mut frames0 = FrameBuf::new(16 * 1024);
+    if !common.no_ready_check {
+        await_sessions(&mut streams[0], &mut frames0, clients, timeout, &mut |id, _| {
+            Err(format!("unexpected packet id {id} before the echo run started"))
+        })
+        .await?;
+    }
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(16 * 1024) };
+        tasks.spawn(async move { (i, echo_client(stream, frames, inflight, count, size, started).await) });
+    }
+    let mut rtts: Vec<u64> = Vec::with_capacity(clients * count as usize);
+    let mut last_done = started;
+    let mut errors = Vec::new();
+    let deadline = started + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tasks.join_next()).await {
+            Ok(Some(Ok((_, Ok((samples, done)))))) => {
+                rtts.extend_from_slice(&samples);
+                last_done = last_done.max(done);
+            }
+            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
+            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                errors.push(format!(
+                    "timeout after {:.1} s with {} clients unfinished",
+                    timeout.as_secs_f64(),
+                    tasks.len()
+                ));
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    let seconds = last_done.duration_since(started).as_secs_f64();
+    rtts.sort_unstable();
+    let round_trips = rtts.len() as u64;
+    for e in errors.iter().take(10) {
+        eprintln!("loadgen {label}: {e}");
+    }
+    let rate = if seconds > 0.0 && errors.is_empty() { round_trips as f64 / seconds } else { 0.0 };
+    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
+    println!(
+        "{{\"workload\":{},\"clients\":{},\"inflight\":{},\"count_per_client\":{},\"size\":{},\"round_trips\":{},\"seconds\":{:.6},\"round_trips_per_sec\":{:.1},\"rtt_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"errors\":{}{}}}",
+        json_str(label),
+        clients,
+        inflight,
+        count,
+        size,
+        round_trips,
+        seconds,
+        rate,
+        micros(percentile(&rtts, 0.50)),
+        micros(percentile(&rtts, 0.99)),
+        micros(percentile(&rtts, 0.999)),
+        micros(rtts.last().copied().unwrap_or(0)),
+        errors.len(),
+        first
+    );
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// Writes echo packet `seq` stamped `sent_ns` into `out`: `[seq][sent_ns][padding]`.
+fn put_echo(out: &mut Vec<u8>, seq: u32, sent_ns: u64, size: usize) {
+    put_header(out, ID_ECHO, size);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&sent_ns.to_le_bytes());
+    out.extend((12..size).map(|j| (seq as u8).wrapping_add(j as u8)));
+}
+
+/// One echo client: `inflight` outstanding, a new one per echo, until `count`
+/// came back. Returns the RTTs (ns) and when it finished.
+async fn echo_client(
+    mut stream: TcpStream,
+    mut frames: FrameBuf,
+    inflight: usize,
+    count: u64,
+    size: usize,
+    epoch: Instant,
+) -> Result<(Vec<u64>, Instant), String> {
+    let mut rtts = Vec::with_capacity(count as usize);
+    let mut pending: VecDeque<u64> = VecDeque::with_capacity(inflight);
+    let mut out = Vec::with_capacity(inflight * (HEADER + size));
+    let mut expect = Vec::with_capacity(HEADER + size);
+    let mut sent: u64 = 0;
+    let mut received: u64 = 0;
+    let first = (inflight as u64).min(count);
+    let now = epoch.elapsed().as_nanos() as u64;
+    for _ in 0..first {
+        put_echo(&mut out, sent as u32, now, size);
+        pending.push_back(now);
+        sent += 1;
+    }
+    stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+    out.clear();
+    while received < count {
+        match frames.fill(&mut stream).await {
+            Ok(0) => return Err(format!("server closed the connection after {received} of {count} echoes")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read after {received} of {count} echoes: {e}")),
+        }
+        let arrived = epoch.elapsed().as_nanos() as u64;
+        let mut replies = 0u64;
+        while let Some((id, payload)) = frames.next()? {
+            if id != ID_ECHO {
+                return Err(format!("packet id {id} where echo {received} (id 2) was expected"));
+            }
+            let Some(sent_ns) = pending.pop_front() else {
+                return Err(format!("an echo nobody sent (after {received})"));
+            };
+            expect.clear();
+            put_echo(&mut expect, received as u32, sent_ns, size);
+            if payload != &expect[HEADER..] {
+                return Err(format!(
+                    "echo {received} does not match what was sent ({} bytes back, {size} sent)",
+                    payload.len()
+                ));
+            }
+            rtts.push(arrived.saturating_sub(sent_ns));
+            received += 1;
+            replies += 1;
+        }
+        if replies > 0 && sent < count {
+            let now = epoch.elapsed().as_nanos() as u64;
+            let more = replies.min(count - sent);
+            for _ in 0..more {
+                put_echo(&mut out, sent as u32, now, size);
+                pending.push_back(now);
+                sent += 1;
+            }
+            stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+            out.clear();
+        }
+    }
+    Ok((rtts, Instant::now()))
+}
+
+// ---------------------------------------------------------------- idle
+
+async fn idle(args: IdleArgs) -> i32 {
+    match idle_run(args).await {
+        Ok(code) => code,
+        Err(e) => fail("idle", &e),
+    }
+}
+
+#[derive(Default)]
+struct IdleCounters {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    closed: AtomicU64,
+    bad: AtomicU64,
+}
+
+fn check_idle_packet(id: u16, payload: &[u8], expect_hello: Option<usize>) -> Result<(), String> {
+    match expect_hello {
+        Some(size) if id == ID_BROADCAST => {
+            if payload.len() != size || !payload.starts_with(b"Hello World") {
+                return Err(format!("a Hello World packet of {} bytes, expected {size}", payload.len()));
+            }
+            Ok(())
+        }
+        Some(_) => Err(format!("unexpected packet id {id}")),
+        None => Ok(()),
+    }
+}
+
+async fn idle_run(args: IdleArgs) -> Result<i32, String> {
+    let addr = address(&args.common)?;
+    let timeout = Duration::from_secs_f64(args.common.timeout);
+    let connecting = Instant::now();
+    let mut streams = connect_all(addr, args.clients, args.common.connect_concurrency).await?;
+    let connect_seconds = connecting.elapsed().as_secs_f64();
+    let counters = Arc::new(IdleCounters::default());
+    let mut frames0 = FrameBuf::new(4096);
+    let mut server_sessions = None;
+    if !args.common.no_ready_check && !streams.is_empty() {
+        let expect = args.expect_hello;
+        let c = counters.clone();
+        let want = args.expect_sessions.unwrap_or(args.clients);
+        let n = await_sessions(&mut streams[0], &mut frames0, want, timeout, &mut |id, payload| {
+            c.packets.fetch_add(1, Ordering::Relaxed);
+            c.bytes.fetch_add((payload.len() + HEADER) as u64, Ordering::Relaxed);
+            check_idle_packet(id, payload, expect)
+        })
+        .await?;
+        server_sessions = Some(n);
+    }
+    println!(
+        "{{\"connected\":{},\"server_sessions\":{},\"connect_seconds\":{:.3}}}",
+        streams.len(),
+        server_sessions.map_or("null".to_string(), |n| n.to_string()),
+        connect_seconds
+    );
+    let _ = io::stdout().flush();
+
+    let mut first_error: Option<String> = None;
+    let (error_tx, mut error_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut readers = JoinSet::new();
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(2048) };
+        let counters = counters.clone();
+        let error_tx = error_tx.clone();
+        let expect = args.expect_hello;
+        readers.spawn(async move {
+            let mut frames = frames;
+            let result: Result<(), String> = async {
+                loop {
+                    let checked: Result<(), String> = (|| {
+                        while let Some((id, payload)) = frames.next()? {
+                            counters.packets.fetch_add(1, Ordering::Relaxed);
+                            counters.bytes.fetch_add((payload.len() + HEADER) as u64, Ordering::Relaxed);
+                            check_idle_packet(id, payload, expect)?;
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = checked {
+                        counters.bad.fetch_add(1, Ordering::Relaxed);
+                        return Err(format!("connection {i}: {e}"));
+                    }
+                    match frames.fill(&mut stream).await {
+                        Ok(0) => {
+                            counters.closed.fetch_add(1, Ordering::Relaxed);
+                            return Err(format!("connection {i}: closed by the server"));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            counters.closed.fetch_add(1, Ordering::Relaxed);
+                            return Err(format!("connection {i}: {e}"));
+                        }
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = error_tx.send(e);
+            }
+            // Keep the socket open until the process exits.
+            std::future::pending::<()>().await;
+        });
+    }
+    drop(error_tx);
+
+    let hold = tokio::time::sleep(Duration::from_secs_f64(args.hold));
+    tokio::pin!(hold);
+    let stdin_closed = async {
+        if args.ignore_stdin {
+            std::future::pending::<()>().await;
+        }
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = [0u8; 256];
+            let mut stdin = io::stdin();
+            loop {
+                match io::Read::read(&mut stdin, &mut sink) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    };
+    tokio::pin!(stdin_closed);
+    let held = Instant::now();
+    loop {
+        tokio::select! {
+            () = &mut hold => break,
+            () = &mut stdin_closed => break,
+            Some(e) = error_rx.recv() => { first_error.get_or_insert(e); }
+        }
+    }
+    while let Ok(e) = error_rx.try_recv() {
+        first_error.get_or_insert(e);
+    }
+    let closed = counters.closed.load(Ordering::Relaxed);
+    let bad = counters.bad.load(Ordering::Relaxed);
+    let errors = closed + bad;
+    if let Some(e) = &first_error {
+        eprintln!("loadgen idle: {e}");
+    }
+    let first = first_error.map(|e| format!(",\"first_error\":{}", json_str(&e))).unwrap_or_default();
+    println!(
+        "{{\"workload\":\"idle\",\"clients\":{},\"held_seconds\":{:.3},\"received_packets\":{},\"received_bytes\":{},\"closed_by_server\":{},\"errors\":{}{}}}",
+        args.clients,
+        held.elapsed().as_secs_f64(),
+        counters.packets.load(Ordering::Relaxed),
+        counters.bytes.load(Ordering::Relaxed),
+        closed,
+        errors,
+        first
+    );
+    Ok(if errors == 0 { 0 } else { 1 })
+}
+
+// ---------------------------------------------------------------- flood
+
+async fn flood(args: FloodArgs) -> i32 {
+    match flood_run(args).await {
+        Ok(code) => code,
+        Err(e) => fail("flood", &e),
+    }
+}
+
+async fn flood_run(args: FloodArgs) -> Result<i32, String> {
+    let addr = address(&args.common)?;
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let streams = connect_all(addr, args.clients, args.common.connect_concurrency).await?;
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    let per = args.count / args.clients as u64;
+    let extra = args.count % args.clients as u64;
+    for (i, stream) in streams.into_iter().enumerate() {
+        let n = per + u64::from((i as u64) < extra);
+        let (size, id) = (args.size, args.id);
+        tasks.spawn(async move {
+            let mut stream = stream;
+            let mut chunk = Vec::new();
+            let per_chunk = (256 * 1024 / (HEADER + size)).max(1) as u64;
+            for _ in 0..per_chunk.min(n) {
+                put_header(&mut chunk, id, size);
+                chunk.extend(std::iter::repeat_n(0x5a, size));
+            }
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(per_chunk);
+                let bytes = &chunk[..k as usize * (HEADER + size)];
+                stream.write_all(bytes).await.map_err(|e| format!("connection {i}: write: {e}"))?;
+                left -= k;
+            }
+            Ok::<TcpStream, String>(stream)
+        });
+    }
+    let timeout = Duration::from_secs_f64(args.common.timeout);
+    let mut kept = Vec::new();
+    let mut errors = Vec::new();
+    let deadline = started + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tasks.join_next()).await {
+            Ok(Some(Ok(Ok(stream)))) => kept.push(stream),
+            Ok(Some(Ok(Err(e)))) => errors.push(e),
+            Ok(Some(Err(e))) => errors.push(e.to_string()),
+            Ok(None) => break,
+            Err(_) => {
+                errors.push("timeout while sending".into());
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
+    println!(
+        "{{\"workload\":\"flood\",\"clients\":{},\"packets\":{},\"size\":{},\"send_seconds\":{:.6},\"errors\":{}{}}}",
+        args.clients,
+        args.count,
+        args.size,
+        seconds,
+        errors.len(),
+        first
+    );
+    let _ = io::stdout().flush();
+    if errors.is_empty() {
+        // Hold the connections (so the server sees no disconnects) until told.
+        let hold = tokio::time::sleep(Duration::from_secs_f64(args.hold));
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let mut sink = [0u8; 256];
+            let mut stdin = io::stdin();
+            while let Ok(n) = io::Read::read(&mut stdin, &mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        tokio::select! {
+            () = hold => {}
+            _ = stdin_closed => {}
+        }
+    }
+    drop(kept);
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
