@@ -1,17 +1,26 @@
 //! Writer coalescing: while the application thread runs a batch of callbacks,
-//! the sends they make do not wake each session's writer one packet at a time.
+//! the sends they make are not written one packet at a time.
 //!
 //! A callback that answers 32 packets of one session with 32 sends would
 //! otherwise wake that session's driver on the first send, and the driver,
 //! racing the callbacks on another core, would write the answers in many small
-//! writes. Inside a [`WriteBatch`] the wakeups are collected instead and given
-//! when the batch ends (or every few hundred events, which bounds the latency
-//! this adds), so each session gets one gathered write per batch.
+//! writes. Inside a [`WriteBatch`] the sessions owed a write are collected
+//! instead and written when the batch ends (or every few hundred events, which
+//! bounds the latency this adds): one gathered write per session per batch.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::session::SessionHandle;
+
+/// Up to this many sessions owed at the end of a light batch are written by
+/// the batch's own thread: one syscall each and no thread hop, which is what
+/// keeps a request-answer round trip short. Under load, a thread doing every
+/// write would be the bottleneck, and the drivers take over.
+const WRITE_HERE_SESSIONS: usize = 32;
+
+/// A batch of more events than this is load: its writes go to the drivers.
+pub const LIGHT_BATCH_EVENTS: usize = 64;
 
 thread_local! {
     /// Writers owed a wakeup by sends made on this thread inside a batch.
@@ -36,29 +45,40 @@ impl WriteBatch {
         Self { outermost }
     }
 
-    /// Wakes every writer owed so far; the batch goes on.
-    pub fn flush(&self) {
+    /// Hands over everything owed so far; the batch goes on. After a light
+    /// batch (`events` delivered since the last flush) a few sessions are
+    /// written by this thread at once; otherwise the drivers write them, in
+    /// parallel.
+    pub fn flush(&self, events: usize) {
         if !self.outermost {
             return;
         }
         let owed = OWED.with_borrow_mut(|owed| owed.as_mut().map(std::mem::take).unwrap_or_default());
+        let write_here = events <= LIGHT_BATCH_EVENTS && owed.len() <= WRITE_HERE_SESSIONS;
         for handle in owed {
-            handle.wake_writer();
+            if write_here {
+                handle.write_now();
+            } else {
+                handle.hand_over();
+            }
         }
     }
 }
 
 impl Drop for WriteBatch {
     fn drop(&mut self) {
-        self.flush();
+        // A batch that did not count its events (a broadcast) is weighed by
+        // its sessions alone.
+        self.flush(0);
         if self.outermost {
             OWED.with_borrow_mut(|owed| *owed = None);
         }
     }
 }
 
-/// Wakes `handle`'s writer now, or at the end of the current batch if there is one.
-pub(crate) fn wake_or_defer(handle: &Arc<SessionHandle>) {
+/// Writes what the caller just queued on `handle` (whose writer was idle):
+/// now, or at the end of the current batch if there is one.
+pub(crate) fn write_or_defer(handle: &Arc<SessionHandle>) {
     let deferred = OWED.with_borrow_mut(|owed| match owed {
         Some(owed) => {
             owed.push(handle.clone());
@@ -67,6 +87,6 @@ pub(crate) fn wake_or_defer(handle: &Arc<SessionHandle>) {
         None => false,
     });
     if !deferred {
-        handle.wake_writer();
+        handle.write_now();
     }
 }

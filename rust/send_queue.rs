@@ -1,26 +1,30 @@
 //! One session's outgoing packets: the lecture's `_sendQueue` with its
-//! `_sendRegistered` flag.
+//! `_sendRegistered` flag, which here says who holds the writer role.
 //!
-//! `push` holds the lock only to append and to flip the flag; the one caller that
-//! flips it wakes the session's writer, outside the lock. The writer then drains
-//! everything queued in one gathered write, and clears the flag only when it finds
-//! the queue empty, under the same lock, so no push is ever left unwritten and no
-//! wakeup is wasted on a writer that is already busy.
+//! `push` holds the lock only to append and to claim the role: the one caller
+//! whose push finds the writer idle owes the write. It either writes itself
+//! (`write_now`, the lecture's `RegisterSend` on the calling thread, which
+//! saves a thread hop) or hands the role to the session's driver. The driver
+//! drains everything queued in gathered writes and gives the role back only
+//! when it finds the queue empty, under the same lock, so no push is ever left
+//! unwritten, two writers never interleave, and no wakeup is wasted on a writer
+//! that is already busy.
 //!
 //! The queue also holds the session's close request: a send that comes after it
 //! is refused, so "queue a goodbye, then disconnect" writes exactly the goodbye.
 
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::sync::Mutex;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::sync::Notify;
 
 use crate::reason::DisconnectReason;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
-    /// Queued; the writer will send it.
+    /// Queued; it will be written.
     Queued,
     /// Queuing it would pass the byte limit: the session is now closing with
     /// [`DisconnectReason::SendQueueFull`] and the packet was not queued.
@@ -29,20 +33,34 @@ pub enum Push {
     Closed,
 }
 
+/// Who writes what is queued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Writer {
+    /// Nothing is queued or being written.
+    #[default]
+    Idle,
+    /// The caller whose push found the writer idle owes the write: it writes
+    /// itself or hands over to the driver.
+    Caller,
+    /// The session's driver writes; pushes only queue.
+    Driver,
+}
+
 #[derive(Default)]
 pub struct SendQueue {
     state: Mutex<QueueState>,
-    /// Wakes the session's driver: data was queued, a close was requested, or
-    /// (through the session) the application caught up with a paused reader.
+    /// Wakes the session's driver: the writer role was handed to it, a close
+    /// was requested, or (through the session) the application caught up with
+    /// a paused reader.
     wakeup: Notify,
 }
 
 #[derive(Default)]
 struct QueueState {
-    queued: Vec<Bytes>,
-    /// Queued plus taken by the writer and not yet accepted by the kernel.
+    queued: VecDeque<Bytes>,
+    /// Queued plus taken by the driver and not yet accepted by the kernel.
     unsent_bytes: usize,
-    writer_registered: bool,
+    writer: Writer,
     close: Option<DisconnectReason>,
     /// The driver is gone: nothing will be written again.
     finished: bool,
@@ -51,19 +69,19 @@ struct QueueState {
 }
 
 impl SendQueue {
-    /// Queues `packet` unless that would make more than `max_unsent_bytes` wait,
-    /// and wakes the writer if it was idle.
+    /// Queues `packet` unless that would make more than `max_unsent_bytes`
+    /// wait; if the writer was idle, hands the write to the driver.
     pub fn push(&self, packet: Bytes, max_unsent_bytes: usize) -> Push {
-        let (outcome, wake_writer) = self.push_quietly(packet, max_unsent_bytes);
-        if wake_writer {
-            self.wake_writer();
+        let (outcome, owed) = self.push_quietly(packet, max_unsent_bytes);
+        if owed {
+            self.hand_over();
         }
         outcome
     }
 
-    /// [`push`](Self::push) that leaves waking an idle writer to the caller:
-    /// returns whether [`wake_writer`](Self::wake_writer) is owed. Lets a batch
-    /// of sends wake each writer once, at its end.
+    /// [`push`](Self::push) that leaves the write to the caller: returns whether
+    /// the caller now holds the writer role, and so must call
+    /// [`write_now`](Self::write_now) or [`hand_over`](Self::hand_over).
     pub fn push_quietly(&self, packet: Bytes, max_unsent_bytes: usize) -> (Push, bool) {
         let mut state = self.lock();
         if state.close.is_some() || state.finished {
@@ -73,29 +91,78 @@ impl SendQueue {
             state.close = Some(DisconnectReason::SendQueueFull);
             state.overflow = Some((state.unsent_bytes, packet.len()));
             drop(state);
-            // A close is never deferred.
-            self.wake_writer();
+            self.wakeup.notify_one();
             return (Push::Full, false);
         }
         state.unsent_bytes += packet.len();
-        state.queued.push(packet);
-        let register = !std::mem::replace(&mut state.writer_registered, true);
-        (Push::Queued, register)
+        state.queued.push_back(packet);
+        let owed = state.writer == Writer::Idle;
+        if owed {
+            state.writer = Writer::Caller;
+        }
+        (Push::Queued, owed)
     }
 
-    /// Wakes the session's driver to write what is queued.
-    pub fn wake_writer(&self) {
+    /// Gives the writer role, if a caller holds it, to the driver, and wakes it.
+    pub fn hand_over(&self) {
+        let mut state = self.lock();
+        if state.writer == Writer::Caller {
+            state.writer = Writer::Driver;
+        }
+        drop(state);
         self.wakeup.notify_one();
     }
 
+    /// Wakes the driver without changing who writes.
+    pub fn wake_driver(&self) {
+        self.wakeup.notify_one();
+    }
+
+    /// The caller holding the writer role writes what is queued, with `write`
+    /// (a non-blocking gathered write), under the queue's lock so that the
+    /// driver cannot close the socket meanwhile. What the socket does not take
+    /// (it is full, or failed) stays queued and the role goes to the driver,
+    /// which is woken for it. Returns bytes and packets written.
+    pub fn write_now(&self, mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>) -> (usize, u64) {
+        let mut state = self.lock();
+        // A close may have taken the role over since (it flushes what was queued).
+        if state.writer != Writer::Caller || state.finished {
+            return (0, 0);
+        }
+        let (mut bytes, mut packets) = (0, 0);
+        while !state.queued.is_empty() {
+            match write_gathered(&mut state.queued, &mut write) {
+                Ok((written, completed)) => {
+                    bytes += written;
+                    packets += completed;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Full or failed: the driver waits for room, or meets the error.
+                Err(_) => break,
+            }
+        }
+        state.unsent_bytes -= bytes;
+        let done = state.queued.is_empty();
+        state.writer = if done { Writer::Idle } else { Writer::Driver };
+        drop(state);
+        if !done {
+            self.wakeup.notify_one();
+        }
+        (bytes, packets)
+    }
+
     /// Records why the session is closing. The first reason wins; returns whether
-    /// this call was the first.
+    /// this call was the first. The driver takes the writer role from a caller,
+    /// so what was queued before the close is flushed by the close.
     pub fn request_close(&self, reason: DisconnectReason) -> bool {
         let mut state = self.lock();
         if state.close.is_some() || state.finished {
             return false;
         }
         state.close = Some(reason);
+        if state.writer == Writer::Caller {
+            state.writer = Writer::Driver;
+        }
         drop(state);
         self.wakeup.notify_one();
         true
@@ -119,26 +186,31 @@ impl SendQueue {
         self.lock().unsent_bytes
     }
 
-    /// Resolves when a packet was queued on an idle writer or a close was
-    /// requested. A wakeup that comes while nobody waits is kept for the next call.
+    /// Resolves when the driver is woken (see [`SendQueue::wakeup`]). A wakeup
+    /// that comes while nobody waits is kept for the next call.
     pub async fn woken(&self) {
         self.wakeup.notified().await
     }
 
-    /// The writer's side: `written` bytes left for the kernel since the last call;
-    /// everything queued since is moved to `in_flight`. Returns false, and clears
-    /// the registered flag, when there is nothing left to write.
+    /// The driver's side: `written` bytes left for the kernel since the last
+    /// call; if the driver holds (or can take) the writer role, everything
+    /// queued since is moved to `in_flight`. Returns whether there is anything
+    /// to write; when there is not, the role goes back to idle.
     pub fn collect(&self, written: usize, in_flight: &mut VecDeque<Bytes>) -> bool {
         let mut state = self.lock();
         debug_assert!(written <= state.unsent_bytes, "wrote {written} of {} unsent", state.unsent_bytes);
         state.unsent_bytes = state.unsent_bytes.saturating_sub(written);
-        in_flight.extend(state.queued.drain(..));
-        if in_flight.is_empty() {
-            state.writer_registered = false;
-            false
-        } else {
-            true
+        if state.writer == Writer::Caller {
+            // The caller writes these itself (or hands them over soon).
+            return !in_flight.is_empty();
         }
+        if in_flight.is_empty() {
+            std::mem::swap(in_flight, &mut state.queued);
+        } else {
+            in_flight.extend(state.queued.drain(..));
+        }
+        state.writer = if in_flight.is_empty() { Writer::Idle } else { Writer::Driver };
+        !in_flight.is_empty()
     }
 
     /// The driver is gone: refuses every later push and drops what was never
@@ -147,7 +219,7 @@ impl SendQueue {
         let mut state = self.lock();
         state.close.get_or_insert(reason);
         state.finished = true;
-        state.queued = Vec::new();
+        state.queued = VecDeque::new();
         std::mem::take(&mut state.unsent_bytes)
     }
 
@@ -155,6 +227,37 @@ impl SendQueue {
         // No code path panics while holding the lock; recover rather than cascade.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// At most this many slices per gathered write (Linux's `IOV_MAX` is 1024).
+const MAX_WRITE_SLICES: usize = 256;
+
+/// One gathered write of the packets at the front of `packets`; what was written
+/// leaves the queue. Returns bytes written and packets completed.
+pub(crate) fn write_gathered(
+    packets: &mut VecDeque<Bytes>,
+    write: impl FnOnce(&[IoSlice<'_>]) -> io::Result<usize>,
+) -> io::Result<(usize, u64)> {
+    let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+    let count = packets.len().min(MAX_WRITE_SLICES);
+    for (slice, packet) in slices.iter_mut().zip(packets.iter()) {
+        *slice = IoSlice::new(packet);
+    }
+    let written = write(&slices[..count])?;
+    let mut left = written;
+    let mut completed = 0;
+    while left > 0 {
+        let front = packets.front_mut().expect("the kernel took no more than was offered");
+        if front.len() <= left {
+            left -= front.len();
+            packets.pop_front();
+            completed += 1;
+        } else {
+            front.advance(left);
+            left = 0;
+        }
+    }
+    Ok((written, completed))
 }
 
 #[cfg(test)]
@@ -165,32 +268,90 @@ mod tests {
         Bytes::from(vec![0u8; len])
     }
 
+    fn wire(queue: &SendQueue) -> (Vec<u8>, (usize, u64)) {
+        let mut wire = Vec::new();
+        let outcome = queue.write_now(|slices| {
+            slices.iter().for_each(|s| wire.extend_from_slice(s));
+            Ok(slices.iter().map(|s| s.len()).sum())
+        });
+        (wire, outcome)
+    }
+
     #[test]
-    fn the_first_push_registers_the_writer_and_later_ones_do_not() {
+    fn the_first_push_on_an_idle_writer_owes_the_write_and_later_ones_do_not() {
         let queue = SendQueue::default();
-        assert_eq!(queue.push(packet(10), 100), Push::Queued);
-        assert!(queue.lock().writer_registered);
-        assert_eq!(queue.push(packet(10), 100), Push::Queued);
+        assert_eq!(queue.push_quietly(packet(10), 100), (Push::Queued, true));
+        assert_eq!(queue.push_quietly(packet(10), 100), (Push::Queued, false));
+        queue.hand_over();
         let mut in_flight = VecDeque::new();
         assert!(queue.collect(0, &mut in_flight));
         assert_eq!(in_flight.len(), 2);
         assert_eq!(queue.unsent_bytes(), 20);
+        assert_eq!(queue.push_quietly(packet(10), 100), (Push::Queued, false), "the driver is writing");
         in_flight.clear();
-        assert!(!queue.collect(20, &mut in_flight));
-        assert!(!queue.lock().writer_registered);
+        assert!(queue.collect(20, &mut in_flight));
+        in_flight.clear();
+        assert!(!queue.collect(10, &mut in_flight));
         assert_eq!(queue.unsent_bytes(), 0);
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, true), "idle again");
     }
 
     #[test]
-    fn a_quiet_push_owes_a_wakeup_only_to_an_idle_writer() {
+    fn the_caller_that_owes_the_write_can_do_it_itself() {
         let queue = SendQueue::default();
-        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, true));
-        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, false));
+        queue.push_quietly(Bytes::from_static(b"abc"), 100);
+        queue.push_quietly(Bytes::from_static(b"def"), 100);
+        let (bytes, outcome) = wire(&queue);
+        assert_eq!(bytes, b"abcdef");
+        assert_eq!(outcome, (6, 2));
+        assert_eq!(queue.unsent_bytes(), 0);
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, true), "the role was given back");
+    }
+
+    #[test]
+    fn a_driver_woken_meanwhile_leaves_the_callers_packets_alone() {
+        let queue = SendQueue::default();
+        queue.push_quietly(Bytes::from_static(b"abc"), 100);
         let mut in_flight = VecDeque::new();
-        queue.collect(0, &mut in_flight);
-        in_flight.clear();
-        assert!(!queue.collect(2, &mut in_flight));
-        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, true));
+        assert!(!queue.collect(0, &mut in_flight), "a stray wakeup takes nothing");
+        assert!(in_flight.is_empty());
+        assert_eq!(wire(&queue).0, b"abc");
+    }
+
+    #[test]
+    fn what_the_caller_cannot_write_goes_to_the_driver() {
+        let queue = SendQueue::default();
+        queue.push_quietly(Bytes::from_static(b"abcdef"), 100);
+        let mut calls = 0;
+        let outcome = queue.write_now(|_| {
+            calls += 1;
+            if calls == 1 { Ok(2) } else { Err(io::ErrorKind::WouldBlock.into()) }
+        });
+        assert_eq!(outcome, (2, 0));
+        assert_eq!(queue.unsent_bytes(), 4);
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, false), "the driver writes now");
+        let mut in_flight = VecDeque::new();
+        assert!(queue.collect(0, &mut in_flight));
+        assert_eq!(&in_flight[0][..], b"cdef");
+    }
+
+    #[test]
+    fn a_close_takes_the_write_over_from_the_caller_so_the_goodbye_is_flushed() {
+        let queue = SendQueue::default();
+        queue.push_quietly(Bytes::from_static(b"goodbye"), 100);
+        assert!(queue.request_close(DisconnectReason::ClosedLocally));
+        assert_eq!(wire(&queue), (Vec::new(), (0, 0)), "the caller no longer writes");
+        let mut in_flight = VecDeque::new();
+        assert!(queue.collect(0, &mut in_flight));
+        assert_eq!(&in_flight[0][..], b"goodbye");
+    }
+
+    #[test]
+    fn write_gathered_consumes_whole_and_partial_packets() {
+        let mut packets: VecDeque<Bytes> = [&b"ab"[..], b"cd", b"ef"].into_iter().map(Bytes::from_static).collect();
+        assert_eq!(write_gathered(&mut packets, |_| Ok(3)).unwrap(), (3, 1));
+        assert_eq!(packets.len(), 2);
+        assert_eq!(&packets[0][..], b"d");
     }
 
     #[test]
@@ -205,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn bytes_taken_by_the_writer_still_count_until_written() {
+    fn bytes_taken_by_the_driver_still_count_until_written() {
         let queue = SendQueue::default();
         queue.push(packet(80), 100);
         let mut in_flight = VecDeque::new();
@@ -223,16 +384,6 @@ mod tests {
     }
 
     #[test]
-    fn what_was_queued_before_a_close_is_still_handed_to_the_writer() {
-        let queue = SendQueue::default();
-        queue.push(packet(5), 100);
-        queue.request_close(DisconnectReason::ClosedLocally);
-        let mut in_flight = VecDeque::new();
-        assert!(queue.collect(0, &mut in_flight));
-        assert_eq!(in_flight.len(), 1);
-    }
-
-    #[test]
     fn finishing_drops_everything_unsent_and_refuses_more() {
         let queue = SendQueue::default();
         queue.push(packet(5), 100);
@@ -242,6 +393,7 @@ mod tests {
         assert_eq!(queue.push(packet(1), 100), Push::Closed);
         assert_eq!(queue.unsent_bytes(), 0);
         assert!(!queue.is_open());
+        assert_eq!(wire(&queue).1, (0, 0), "nobody writes to a finished session");
     }
 
     #[tokio::test]
@@ -250,6 +402,6 @@ mod tests {
         queue.push(packet(1), 100);
         tokio::time::timeout(std::time::Duration::from_secs(1), queue.woken())
             .await
-            .expect("the push's wakeup was kept for the writer");
+            .expect("the push's wakeup was kept for the driver");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
+use crate::coalesce::WriteBatch;
 use crate::config::{ServiceConfig, SessionConfig};
 use crate::dispatch::{Event, EventQueue};
 use crate::registry::{BroadcastOutcome, SessionRegistry};
@@ -50,7 +52,7 @@ impl ServiceShared {
             log::debug!(target: "servercore", "{peer}: socket options not applied: {error}");
         }
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let handle = Arc::new(SessionHandle::new(id, peer, self.clone()));
+        let handle = Arc::new(SessionHandle::new(id, peer, stream.as_raw_fd(), self.clone()));
         if !self.registry.insert(handle.clone()) {
             return false;
         }
@@ -62,6 +64,9 @@ impl ServiceShared {
 impl ServiceShared {
     /// Queues one encoded packet on every announced session (but `exclude`).
     pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
+        // A fan-out is written by the sessions' drivers, in parallel, not by
+        // this thread one session after another.
+        let _writes = WriteBatch::begin();
         self.registry.broadcast(packet, exclude, &self.stats.send_queue_bytes)
     }
 

@@ -10,19 +10,21 @@
 //! task and nothing else.
 //!
 //! However the task ends (a returned reason, a shutdown that drops it, a panic),
-//! the socket is closed first and then exactly one `Disconnected` event is queued:
-//! that order is fixed by the field order of [`Connection`].
+//! the send queue is sealed, then the socket is closed, then exactly one
+//! `Disconnected` event is queued: that order is fixed by `Connection`'s drop
+//! and the order of its fields.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -34,7 +36,7 @@ use crate::dispatch::Event;
 use crate::frame::FrameError;
 use crate::reason::DisconnectReason;
 use crate::recv_buffer::RecvBuffer;
-use crate::send_queue::{Push, SendQueue};
+use crate::send_queue::{Push, SendQueue, write_gathered};
 use crate::service::ServiceShared;
 use crate::stats::ServiceStats;
 
@@ -51,9 +53,6 @@ impl fmt::Display for SessionId {
 /// Event bookkeeping per received packet, on top of its bytes, when weighing how
 /// much a session has waiting for the application.
 const EVENT_OVERHEAD: usize = 64;
-
-/// At most this many slices per gathered write (Linux's `IOV_MAX` is 1024).
-const MAX_WRITE_SLICES: usize = 256;
 
 /// Slots of the in-flight queue a session keeps once everything is written.
 const IDLE_IN_FLIGHT_CAPACITY: usize = 16;
@@ -76,6 +75,9 @@ fn push_event(event: Event) {
 pub struct SessionHandle {
     id: SessionId,
     peer: SocketAddr,
+    /// The socket, for callers that write what they queued themselves. Valid
+    /// while the queue is not finished: see [`SessionHandle::write_now`].
+    fd: RawFd,
     queue: SendQueue,
     inbound: InboundBacklog,
     /// `Connected` has been delivered: broadcasts reach this session from now on.
@@ -86,11 +88,12 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    pub(crate) fn new(id: SessionId, peer: SocketAddr, service: Arc<ServiceShared>) -> Self {
+    pub(crate) fn new(id: SessionId, peer: SocketAddr, fd: RawFd, service: Arc<ServiceShared>) -> Self {
         let inbound = InboundBacklog::new(service.config.session.max_pending_recv_bytes);
         Self {
             id,
             peer,
+            fd,
             queue: SendQueue::default(),
             inbound,
             announced: AtomicBool::new(false),
@@ -143,13 +146,36 @@ impl SessionHandle {
         let (outcome, wake_writer) =
             self.queue.push_quietly(packet, self.service.config.session.max_send_queue_bytes);
         if wake_writer {
-            coalesce::wake_or_defer(self);
+            coalesce::write_or_defer(self);
         }
         outcome
     }
 
-    pub(crate) fn wake_writer(&self) {
-        self.queue.wake_writer();
+    /// Gives the write this caller owes to the driver.
+    pub(crate) fn hand_over(&self) {
+        self.queue.hand_over();
+    }
+
+    /// Writes what was queued on this thread instead of waking the driver: the
+    /// lecture's `RegisterSend` by the caller that registered the send. Saves
+    /// the driver's wakeup (a thread hop) on every answer. What the socket does
+    /// not take is left to the driver, which is woken for it.
+    pub(crate) fn write_now(&self) {
+        // SAFETY: `write_now` runs the closure under the queue's lock, and the
+        // driver finishes the queue under that lock before it closes the socket
+        // (`Connection`'s drop). So while the closure runs, `fd` is open and is
+        // still this session's socket, never a descriptor reused by another.
+        let socket = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let (bytes, packets) = self.queue.write_now(|slices| send_no_signal(SockRef::from(&socket), slices));
+        if bytes > 0 {
+            let stats = &self.service.stats;
+            stats.send_queue_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            ServiceStats::add(&stats.bytes_out, bytes as u64);
+            ServiceStats::add(&stats.packets_out, packets);
+            if self.service.config.session.report_sent {
+                self.service.events.push(Event::Sent { session: self.id, nbytes: bytes });
+            }
+        }
     }
 
     /// Closes the session from the application's side: what was queued before
@@ -181,7 +207,7 @@ impl SessionHandle {
         let weight = len + EVENT_OVERHEAD;
         if self.inbound.release(weight) {
             // The driver's one wakeup also serves a reader that may go on.
-            self.queue.wake_writer();
+            self.queue.wake_driver();
         }
         self.service.stats.pending_recv_bytes.fetch_sub(weight, Ordering::Relaxed);
     }
@@ -283,7 +309,7 @@ impl Connection {
             last_received: now,
             rate_window: RateWindow::new(now),
             timer: None,
-            farewell: Farewell { handle, detail: None, reported: false },
+            farewell: Farewell { handle, detail: None, sealed: None },
         }
     }
 
@@ -476,30 +502,10 @@ impl Connection {
     /// One gathered write of the packets in flight. Returns bytes written and
     /// packets completed.
     fn write_some(&mut self) -> io::Result<(usize, u64)> {
-        let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
-        let count = self.in_flight.len().min(MAX_WRITE_SLICES);
-        for (slice, packet) in slices.iter_mut().zip(&self.in_flight) {
-            *slice = IoSlice::new(packet);
-        }
-        // sendmsg with MSG_NOSIGNAL, not writev: a write to a reset socket must
-        // come back as EPIPE, never as a SIGPIPE that kills the host process.
-        let written = self.stream.try_io(Interest::WRITABLE, || {
-            SockRef::from(&self.stream).send_vectored_with_flags(&slices[..count], libc::MSG_NOSIGNAL)
-        })?;
-        let mut left = written;
-        let mut packets = 0;
-        while left > 0 {
-            let front = self.in_flight.front_mut().expect("the kernel took no more than was offered");
-            if front.len() <= left {
-                left -= front.len();
-                self.in_flight.pop_front();
-                packets += 1;
-            } else {
-                front.advance(left);
-                left = 0;
-            }
-        }
-        Ok((written, packets))
+        let stream = &self.stream;
+        write_gathered(&mut self.in_flight, |slices| {
+            stream.try_io(Interest::WRITABLE, || send_no_signal(SockRef::from(stream), slices))
+        })
     }
 
     fn socket_error(&self) -> Stop {
@@ -622,6 +628,13 @@ impl Connection {
     }
 }
 
+/// A gathered write that cannot raise SIGPIPE: `sendmsg` with `MSG_NOSIGNAL`,
+/// not `writev`. A write to a reset socket comes back as EPIPE instead of a
+/// signal that kills the host process when it has SIGPIPE at its default.
+fn send_no_signal(socket: SockRef<'_>, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket.send_vectored_with_flags(slices, libc::MSG_NOSIGNAL)
+}
+
 /// Resolves when the armed timer fires.
 async fn expiry(timer: &mut Option<Pin<Box<Sleep>>>) {
     if let Some(timer) = timer {
@@ -634,20 +647,41 @@ async fn expiry(timer: &mut Option<Pin<Box<Sleep>>>) {
 struct Farewell {
     handle: Arc<SessionHandle>,
     detail: Option<String>,
-    reported: bool,
+    /// The final reason, once the queue is sealed.
+    sealed: Option<DisconnectReason>,
+}
+
+impl Farewell {
+    /// Finishes the send queue: no one writes to the socket after this, so it
+    /// may be closed. Settles the reason (a task cancelled by shutdown has none
+    /// of its own) and releases what was never written.
+    fn seal(&mut self) -> DisconnectReason {
+        if let Some(reason) = self.sealed {
+            return reason;
+        }
+        let handle = &self.handle;
+        let fallback = handle.service.registry.closed_with().unwrap_or(DisconnectReason::Reset);
+        let unsent = handle.queue.finish(fallback);
+        handle.service.stats.send_queue_bytes.fetch_sub(unsent, Ordering::Relaxed);
+        let reason = handle.queue.close_reason().unwrap_or(fallback);
+        self.sealed = Some(reason);
+        reason
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Before the fields drop and the socket closes: its descriptor number
+        // may go to a new connection the moment it is closed.
+        self.farewell.seal();
+    }
 }
 
 impl Drop for Farewell {
     fn drop(&mut self) {
-        if std::mem::replace(&mut self.reported, true) {
-            return;
-        }
+        let reason = self.seal();
         let handle = &self.handle;
         let service = &handle.service;
-        let fallback = service.registry.closed_with().unwrap_or(DisconnectReason::Reset);
-        let unsent = handle.queue.finish(fallback);
-        let reason = handle.queue.close_reason().unwrap_or(fallback);
-        service.stats.send_queue_bytes.fetch_sub(unsent, Ordering::Relaxed);
         service.stats.count_disconnect(reason);
         service.registry.remove(handle.id);
         let detail = self.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
@@ -691,6 +725,7 @@ impl RateWindow {
 mod tests {
     use super::*;
     use crate::config::ServiceConfig;
+    use std::os::fd::AsRawFd;
 
     /// Every session's driver future lives as long as the connection: what it
     /// holds across an await is paid by each of ten thousand idle players.
@@ -700,7 +735,7 @@ mod tests {
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let service = ServiceShared::new(ServiceConfig::default());
-        let handle = Arc::new(SessionHandle::new(SessionId(1), peer, service));
+        let handle = Arc::new(SessionHandle::new(SessionId(1), peer, stream.as_raw_fd(), service));
         let driver = drive(stream, handle);
         let size = std::mem::size_of_val(&driver);
         assert!(size <= 768, "the driver future takes {size} bytes");

@@ -254,9 +254,10 @@ impl Dispatcher {
             delivered += 1;
             self.deliver(py, shared, event)?;
             if delivered % WRITE_BATCH_EVENTS == 0 {
-                writes.flush();
+                writes.flush(WRITE_BATCH_EVENTS);
             }
         }
+        writes.flush(delivered.min(WRITE_BATCH_EVENTS));
         drop(writes);
         logging::flush(py)?;
         Ok(delivered)
