@@ -12,15 +12,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::frame::PacketRun;
 use crate::reason::DisconnectReason;
 use crate::session::{SessionHandle, SessionId};
 
 pub enum Event {
     /// A new session; the first event of every session.
     Connected(Arc<SessionHandle>),
-    /// One whole, checked packet (packet framing).
-    Packet { session: SessionId, packet_id: u16, payload: Bytes },
-    /// Bytes as they came off the socket (raw framing).
+    /// Whole, checked packets, in arrival order (packet framing). The consumer
+    /// calls [`SessionHandle::release_received`] with the run's byte length
+    /// once they are handled, or the session's reader stays paused.
+    Packets { session: SessionId, packets: PacketRun },
+    /// Bytes as they came off the socket (raw framing); released like packets.
     Received { session: SessionId, data: Bytes },
     /// A write handed `nbytes` to the kernel (only when asked for).
     Sent { session: SessionId, nbytes: usize },
@@ -32,7 +35,7 @@ impl Event {
     pub fn session_id(&self) -> SessionId {
         match self {
             Event::Connected(handle) => handle.id(),
-            Event::Packet { session, .. }
+            Event::Packets { session, .. }
             | Event::Received { session, .. }
             | Event::Sent { session, .. }
             | Event::Disconnected { session, .. } => *session,

@@ -3,7 +3,7 @@
 //! The data flow, one way each:
 //!
 //! ```text
-//! socket ─ driver task ─> RecvBuffer ─> frame::check ─> Event::Packet ─> EventQueue ─batch─> application thread
+//! socket ─ driver task ─> RecvBuffer ─> frame::check ─> Event::Packets ─> EventQueue ─batch─> application thread
 //! application: send / broadcast ─> SendBufferPool (encode once) ─> SendQueue per session ─> driver ─> sendmsg
 //! ```
 //!

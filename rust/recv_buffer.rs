@@ -13,9 +13,9 @@
 
 use std::io;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
-use crate::frame::{self, FrameError, FrameLimits, HEADER_SIZE};
+use crate::frame::{self, FrameError, FrameLimits, PacketRun};
 
 /// Bytes asked of the socket per read when no partial packet needs more.
 pub const DEFAULT_READ_SIZE: usize = 8 * 1024;
@@ -70,16 +70,27 @@ impl RecvBuffer {
         self.buf.split_to(n).freeze()
     }
 
-    /// Takes the next whole packet off the front: check the header, then cut.
-    /// `Ok(None)` means the packet at the front is still incomplete; an error
-    /// means its header lies, and the buffer is left as it was.
-    pub fn next_packet(&mut self, limits: &FrameLimits) -> Result<Option<(u16, Bytes)>, FrameError> {
-        let Some(header) = frame::check(&self.buf, limits)? else {
-            return Ok(None);
+    /// Takes every whole packet at the front as one run: check each header,
+    /// then cut once. `Ok(None)` means the packet at the front is still
+    /// incomplete. A header that lies ends the run before it; the next call
+    /// returns the error, and leaves the lie in the buffer.
+    pub fn next_packets(&mut self, limits: &FrameLimits) -> Result<Option<PacketRun>, FrameError> {
+        let (mut offset, mut count) = (0, 0);
+        let error = loop {
+            match frame::check(&self.buf[offset..], limits) {
+                Ok(Some(header)) => {
+                    offset += header.size;
+                    count += 1;
+                }
+                Ok(None) => break None,
+                Err(error) => break Some(error),
+            }
         };
-        let mut payload = self.take(header.size);
-        payload.advance(HEADER_SIZE);
-        Ok(Some((header.id, payload)))
+        match (count, error) {
+            (0, Some(error)) => Err(error),
+            (0, None) => Ok(None),
+            _ => Ok(Some(PacketRun::checked(self.take(offset), count))),
+        }
     }
 
     /// Drops the memory of an empty buffer, so that a session that has gone quiet
@@ -154,24 +165,27 @@ mod tests {
     }
 
     #[test]
-    fn next_packet_cuts_whole_packets_and_keeps_the_rest() {
+    fn next_packets_cuts_whole_packets_as_one_run_and_keeps_the_rest() {
         let limits = FrameLimits::default();
         let mut buf = RecvBuffer::new(16);
-        buf.extend_from_slice(&[5, 0, 9, 0, b'a', 4, 0, 1]);
-        let (id, payload) = buf.next_packet(&limits).unwrap().unwrap();
-        assert_eq!((id, &payload[..]), (9, &b"a"[..]));
-        assert_eq!(buf.next_packet(&limits), Ok(None));
+        buf.extend_from_slice(&[5, 0, 9, 0, b'a', 4, 0, 7, 0, 4, 0, 1]);
+        let run = buf.next_packets(&limits).unwrap().unwrap();
+        let packets: Vec<(u16, &[u8])> = run.iter().collect();
+        assert_eq!(packets, [(9, &b"a"[..]), (7, &b""[..])]);
+        assert_eq!(buf.next_packets(&limits), Ok(None));
         buf.extend_from_slice(&[0]);
-        let (id, payload) = buf.next_packet(&limits).unwrap().unwrap();
-        assert_eq!((id, payload.len()), (1, 0));
+        let run = buf.next_packets(&limits).unwrap().unwrap();
+        assert_eq!((run.len(), run.byte_len()), (1, 4));
         assert!(buf.is_empty());
     }
 
     #[test]
-    fn next_packet_leaves_a_lying_header_in_place() {
+    fn a_lying_header_ends_the_run_before_it_and_stays_in_place() {
+        let limits = FrameLimits::default();
         let mut buf = RecvBuffer::new(16);
-        buf.extend_from_slice(&[0, 0, 1, 0]);
-        assert!(buf.next_packet(&FrameLimits::default()).is_err());
+        buf.extend_from_slice(&[4, 0, 1, 0, 0, 0, 1, 0]);
+        assert_eq!(buf.next_packets(&limits).unwrap().unwrap().len(), 1);
+        assert!(buf.next_packets(&limits).is_err());
         assert_eq!(buf.len(), 4);
     }
 
@@ -189,6 +203,7 @@ mod tests {
 
     mod properties {
         use super::*;
+        use crate::frame::HEADER_SIZE;
         use proptest::collection::vec;
         use proptest::prelude::*;
 
@@ -218,8 +233,8 @@ mod tests {
                 let mut decoded = Vec::new();
                 for piece in points.windows(2) {
                     buf.extend_from_slice(&stream[piece[0]..piece[1]]);
-                    while let Some((id, payload)) = buf.next_packet(&limits).unwrap() {
-                        decoded.push((id, payload.to_vec()));
+                    while let Some(run) = buf.next_packets(&limits).unwrap() {
+                        decoded.extend(run.iter().map(|(id, payload)| (id, payload.to_vec())));
                     }
                 }
                 prop_assert!(buf.is_empty());
@@ -235,10 +250,12 @@ mod tests {
                 buf.extend_from_slice(&bytes);
                 loop {
                     let before = buf.len();
-                    match buf.next_packet(&limits) {
-                        Ok(Some((_, payload))) => {
-                            prop_assert!(before - buf.len() >= HEADER_SIZE);
-                            prop_assert_eq!(before - buf.len(), payload.len() + HEADER_SIZE);
+                    match buf.next_packets(&limits) {
+                        Ok(Some(run)) => {
+                            let consumed = before - buf.len();
+                            prop_assert!(consumed >= HEADER_SIZE * run.len());
+                            let payloads: usize = run.iter().map(|(_, payload)| payload.len()).sum();
+                            prop_assert_eq!(consumed, payloads + HEADER_SIZE * run.len());
                         }
                         Ok(None) | Err(_) => break,
                     }

@@ -201,10 +201,11 @@ impl SessionHandle {
         self.announced.store(true, Ordering::Release);
     }
 
-    /// Called by the consumer after it has delivered (or dropped) a received
-    /// packet or chunk of `len` bytes, so a paused reader can go on.
-    pub fn release_received(&self, len: usize) {
-        let weight = len + EVENT_OVERHEAD;
+    /// Called by the consumer after it has delivered (or dropped) `events`
+    /// received events (packet runs or raw chunks) of `bytes` in all, so a
+    /// paused reader can go on.
+    pub fn release_received(&self, bytes: usize, events: usize) {
+        let weight = bytes + events * EVENT_OVERHEAD;
         if self.inbound.release(weight) {
             // The driver's one wakeup also serves a reader that may go on.
             self.queue.wake_driver();
@@ -425,11 +426,11 @@ impl Connection {
                 Ok(())
             }
             Framing::Packets => loop {
-                match self.recv.next_packet(&config.frame_limits) {
-                    Ok(Some((packet_id, payload))) => {
-                        packets += 1;
-                        weight += payload.len() + EVENT_OVERHEAD;
-                        push_event(Event::Packet { session: handle.id, packet_id, payload });
+                match self.recv.next_packets(&config.frame_limits) {
+                    Ok(Some(run)) => {
+                        packets += run.len() as u64;
+                        weight += run.byte_len() + EVENT_OVERHEAD;
+                        push_event(Event::Packets { session: handle.id, packets: run });
                     }
                     Ok(None) => break Ok(()),
                     Err(error) => break Err(Stop::frame(error)),

@@ -47,13 +47,15 @@ impl App {
                 handle.mark_announced();
                 self.sessions.insert(handle.id(), handle);
             }
-            Event::Packet { session, packet_id, payload } => {
+            Event::Packets { session, packets } => {
                 let handle = &self.sessions[&session];
-                handle.release_received(payload.len());
-                if self.echo {
-                    handle.send(SendBufferPool::global().encode(packet_id, &payload).unwrap());
+                for (packet_id, payload) in &packets {
+                    if self.echo {
+                        handle.send(SendBufferPool::global().encode(packet_id, payload).unwrap());
+                    }
+                    self.packets.push((session, packet_id, payload.to_vec()));
                 }
-                self.packets.push((session, packet_id, payload.to_vec()));
+                handle.release_received(packets.byte_len(), 1);
             }
             Event::Received { .. } | Event::Sent { .. } => {}
             Event::Disconnected { session, reason } => {

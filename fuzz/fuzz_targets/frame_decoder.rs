@@ -18,12 +18,18 @@ fuzz_target!(|input: &[u8]| {
         buf.extend_from_slice(chunk);
         loop {
             let before = buf.len();
-            match buf.next_packet(&limits) {
-                Ok(Some((_, payload))) => {
+            match buf.next_packets(&limits) {
+                Ok(Some(run)) => {
                     let consumed = before - buf.len();
-                    assert!(consumed >= HEADER_SIZE, "a packet must consume its header");
-                    assert_eq!(consumed, payload.len() + HEADER_SIZE);
-                    assert!(consumed <= max_packet_size);
+                    assert!(!run.is_empty(), "a run must hold a packet");
+                    let mut sizes = 0;
+                    for (_, payload) in &run {
+                        let size = payload.len() + HEADER_SIZE;
+                        assert!(size <= max_packet_size);
+                        sizes += size;
+                    }
+                    assert_eq!(consumed, sizes, "a run is exactly its packets");
+                    assert_eq!(run.iter().count(), run.len());
                 }
                 Ok(None) => break,
                 Err(_) => return,

@@ -154,6 +154,38 @@ struct Entry {
     unconsumed: BytesMut,
 }
 
+/// The session whose events are being delivered. A read's worth of packets
+/// from one session arrives as a run of consecutive events: the run looks the
+/// session up once, and gives the reader back its backlog once.
+#[derive(Default)]
+struct Run {
+    current: Option<Current>,
+}
+
+struct Current {
+    id: SessionId,
+    object: Option<Py<PyAny>>,
+    handle: Arc<SessionHandle>,
+    /// Bytes and events received in this run, not yet released to the reader.
+    received: (usize, usize),
+}
+
+impl Run {
+    fn handle(&self) -> &Arc<SessionHandle> {
+        &self.current.as_ref().expect("a run is entered before its handle is used").handle
+    }
+
+    /// Ends the run: what it delivered no longer holds the session's reader back.
+    fn end(&mut self) {
+        if let Some(current) = self.current.take() {
+            let (bytes, events) = current.received;
+            if bytes > 0 || events > 0 {
+                current.handle.release_received(bytes, events);
+            }
+        }
+    }
+}
+
 /// Events taken from the engine and not yet delivered. A Ctrl-C in the middle
 /// of a batch leaves the rest here for the next `poll`.
 #[derive(Default)]
@@ -249,15 +281,27 @@ impl Dispatcher {
         logging::flush(py)?;
         // Answers given by these callbacks leave in one write per session.
         let writes = WriteBatch::begin();
-        let mut delivered = 0;
+        let mut run = Run::default();
+        let (mut delivered, mut flushed_at) = (0, 0);
         while let Some(event) = delivery.pending.pop_front() {
-            delivered += 1;
-            self.deliver(py, shared, event)?;
-            if delivered % WRITE_BATCH_EVENTS == 0 {
-                writes.flush(WRITE_BATCH_EVENTS);
+            // What poll() reports: one per connect, packet, write, disconnect.
+            delivered += match &event {
+                Event::Packets { packets, .. } => packets.len(),
+                _ => 1,
+            };
+            if let Err(error) = self.deliver(py, shared, event, &mut run, &mut delivery.pending) {
+                run.end();
+                return Err(error);
+            }
+            if delivered - flushed_at >= WRITE_BATCH_EVENTS {
+                run.end();
+                writes.flush(delivered - flushed_at);
+                flushed_at = delivered;
             }
         }
-        writes.flush(delivered.min(WRITE_BATCH_EVENTS));
+        run.end();
+        // A batch that needed an intermediate flush was not light, whatever its tail.
+        writes.flush(if flushed_at > 0 { WRITE_BATCH_EVENTS } else { delivered });
         drop(writes);
         logging::flush(py)?;
         Ok(delivered)
@@ -265,31 +309,65 @@ impl Dispatcher {
 
     /// Runs one event's callback. Only a BaseException that is not an Exception
     /// (KeyboardInterrupt, SystemExit) comes back as an error: it stops `poll`.
-    fn deliver(&self, py: Python<'_>, shared: &ServiceShared, event: Event) -> PyResult<()> {
+    /// An error in the middle of a packet run puts the rest of the run back
+    /// at the front of `pending`, for the next `poll`.
+    fn deliver(
+        &self,
+        py: Python<'_>,
+        shared: &ServiceShared,
+        event: Event,
+        run: &mut Run,
+        pending: &mut VecDeque<Event>,
+    ) -> PyResult<()> {
         match event {
-            Event::Connected(handle) => self.connected(py, handle),
-            Event::Packet { session, packet_id, payload } => {
-                let Some((object, handle)) = self.receiving(py, shared, session, payload.len()) else {
+            Event::Connected(handle) => {
+                run.end();
+                self.connected(py, handle)
+            }
+            Event::Packets { session, packets } => {
+                let Some(object) = self.receiving(py, run, session, packets.byte_len()) else { return Ok(()) };
+                let object = object.bind(py);
+                let handle = run.handle();
+                for (delivered, (packet_id, payload)) in packets.iter().enumerate() {
+                    // A callback may have closed the session: the rest is not wanted.
+                    if !handle.delivers() {
+                        shared.count_discarded((packets.len() - delivered) as u64);
+                        break;
+                    }
+                    if self.class.on_recv_packet.is_default() {
+                        break;
+                    }
+                    let payload = PyBytes::new(py, payload);
+                    let result = self.class.on_recv_packet.call2(object, packet_id, payload);
+                    if let Err(error) = self.check(py, result, handle, "on_recv_packet") {
+                        let rest = packets.skip(delivered + 1);
+                        if !rest.is_empty() {
+                            // Still owed to the reader's backlog: the requeued
+                            // rest releases itself (and the event) when delivered.
+                            let received = &mut run.current.as_mut().expect("entered").received;
+                            received.0 -= rest.byte_len();
+                            received.1 -= 1;
+                            pending.push_front(Event::Packets { session, packets: rest });
+                        }
+                        return Err(error);
+                    }
+                }
+                Ok(())
+            }
+            Event::Received { session, data } => self.received(py, shared, run, session, data),
+            Event::Sent { session, nbytes } => {
+                let Some(Current { object: Some(object), handle, .. }) = self.enter(py, run, session) else {
                     return Ok(());
                 };
-                if self.class.on_recv_packet.is_default() {
-                    return Ok(());
-                }
-                let object = object.bind(py);
-                let payload = PyBytes::new(py, &payload);
-                let result = self.class.on_recv_packet.call2(object, packet_id, payload);
-                self.check(py, result, &handle, "on_recv_packet")
-            }
-            Event::Received { session, data } => self.received(py, shared, session, data),
-            Event::Sent { session, nbytes } => {
-                let Some((Some(object), handle)) = self.lookup(py, session) else { return Ok(()) };
                 if !handle.delivers() {
                     return Ok(());
                 }
+                let object = object.clone_ref(py);
                 let result = self.class.on_send.call1(object.bind(py), nbytes).map(drop);
-                self.check(py, result, &handle, "on_send")
+                self.check(py, result, run.handle(), "on_send")
             }
             Event::Disconnected { session, reason } => {
+                run.end();
                 let entry = self.lock_sessions().remove(&session);
                 let Some(Entry { object: Some(object), handle, .. }) = entry else { return Ok(()) };
                 let reason = self.reason(py, reason)?;
@@ -297,6 +375,23 @@ impl Dispatcher {
                 self.check(py, result, &handle, "on_disconnected")
             }
         }
+    }
+
+    /// Makes `session` the current run's session, looking it up only if the run
+    /// was another's.
+    fn enter<'r>(&self, py: Python<'_>, run: &'r mut Run, session: SessionId) -> Option<&'r Current> {
+        if run.current.as_ref().is_none_or(|current| current.id != session) {
+            run.end();
+            let sessions = self.lock_sessions();
+            let entry = sessions.get(&session)?;
+            run.current = Some(Current {
+                id: session,
+                object: entry.object.as_ref().map(|o| o.clone_ref(py)),
+                handle: entry.handle.clone(),
+                received: (0, 0),
+            });
+        }
+        run.current.as_ref()
     }
 
     fn connected(&self, py: Python<'_>, handle: Arc<SessionHandle>) -> PyResult<()> {
@@ -320,20 +415,23 @@ impl Dispatcher {
         }
     }
 
-    /// Books a received packet or chunk as delivered, and returns its session's
-    /// object if the application still wants its input.
-    fn receiving(&self, py: Python<'_>, shared: &ServiceShared, session: SessionId, len: usize) -> Option<(Py<PyAny>, Arc<SessionHandle>)> {
-        let (object, handle) = self.lookup(py, session)?;
-        handle.release_received(len);
-        if !handle.delivers() {
-            shared.count_discarded(1);
-            return None;
-        }
-        Some((object?, handle))
+    /// Books a received event of `len` bytes as delivered, and returns its
+    /// session's object (which decides, by `delivers()`, what it still wants).
+    fn receiving(&self, py: Python<'_>, run: &mut Run, session: SessionId, len: usize) -> Option<Py<PyAny>> {
+        self.enter(py, run, session)?;
+        let current = run.current.as_mut()?;
+        current.received.0 += len;
+        current.received.1 += 1;
+        current.object.as_ref().map(|o| o.clone_ref(py))
     }
 
-    fn received(&self, py: Python<'_>, shared: &ServiceShared, session: SessionId, data: Bytes) -> PyResult<()> {
-        let Some((object, handle)) = self.receiving(py, shared, session, data.len()) else { return Ok(()) };
+    fn received(&self, py: Python<'_>, shared: &ServiceShared, run: &mut Run, session: SessionId, data: Bytes) -> PyResult<()> {
+        let Some(object) = self.receiving(py, run, session, data.len()) else { return Ok(()) };
+        let handle = run.handle().clone();
+        if !handle.delivers() {
+            shared.count_discarded(1);
+            return Ok(());
+        }
         let mut unconsumed = match self.lock_sessions().get_mut(&session) {
             Some(entry) => std::mem::take(&mut entry.unconsumed),
             None => return Ok(()),
@@ -407,12 +505,6 @@ impl Dispatcher {
             handle.close(DisconnectReason::CallbackError);
         }
         Ok(())
-    }
-
-    fn lookup(&self, py: Python<'_>, session: SessionId) -> Option<(Option<Py<PyAny>>, Arc<SessionHandle>)> {
-        let sessions = self.lock_sessions();
-        let entry = sessions.get(&session)?;
-        Some((entry.object.as_ref().map(|o| o.clone_ref(py)), entry.handle.clone()))
     }
 
     /// The `DisconnectReason` enum member for `reason`.

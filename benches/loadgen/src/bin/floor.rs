@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use _core::coalesce::WriteBatch;
 use _core::send_buffer::SendBufferPool;
 use _core::{Event, Server, ServiceConfig, SessionHandle, SessionId};
 use clap::{Parser, ValueEnum};
@@ -61,24 +62,26 @@ impl App {
                 handle.mark_announced();
                 self.sessions.insert(handle.id(), handle);
             }
-            Event::Packet { session, packet_id, payload } => {
+            Event::Packets { session, packets } => {
                 let Some(handle) = self.sessions.get(&session) else { return };
-                handle.release_received(payload.len());
-                match packet_id {
-                    ID_ECHO if self.mode == Mode::Echo => {
-                        handle.send(self.pool.encode(ID_ECHO, &payload).expect("echo fits"));
+                for (packet_id, payload) in &packets {
+                    match packet_id {
+                        ID_ECHO if self.mode == Mode::Echo => {
+                            handle.send(self.pool.encode(ID_ECHO, payload).expect("echo fits"));
+                        }
+                        ID_CONTROL if payload.len() >= 8 => {
+                            let packets = u32::from_le_bytes(payload[0..4].try_into().unwrap());
+                            let size = u32::from_le_bytes(payload[4..8].try_into().unwrap());
+                            self.job = Some((packets, size.max(4)));
+                        }
+                        ID_QUERY => {
+                            let count = self.sessions.len() as u32;
+                            handle.send(self.pool.encode(ID_QUERY, &count.to_le_bytes()).expect("fits"));
+                        }
+                        _ => {}
                     }
-                    ID_CONTROL if payload.len() >= 8 => {
-                        let packets = u32::from_le_bytes(payload[0..4].try_into().unwrap());
-                        let size = u32::from_le_bytes(payload[4..8].try_into().unwrap());
-                        self.job = Some((packets, size.max(4)));
-                    }
-                    ID_QUERY => {
-                        let count = self.sessions.len() as u32;
-                        handle.send(self.pool.encode(ID_QUERY, &count.to_le_bytes()).expect("fits"));
-                    }
-                    _ => {}
                 }
+                handle.release_received(packets.byte_len(), 1);
             }
             Event::Received { .. } | Event::Sent { .. } => {}
             Event::Disconnected { session, .. } => {
@@ -134,9 +137,14 @@ fn main() {
             _ => Duration::from_millis(100),
         };
         server.service().wait_events(Some(wait), &mut events);
+        // As the Python dispatcher does: answers leave in one write per session.
+        let writes = WriteBatch::begin();
+        let handled = events.len();
         for event in events.drain(..) {
             app.handle(event);
         }
+        writes.flush(handled);
+        drop(writes);
         if let Some((packets, size)) = app.job.take() {
             payload.clear();
             payload.resize(size as usize, 0);
