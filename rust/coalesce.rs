@@ -67,8 +67,8 @@ impl WriteBatch {
 
 impl Drop for WriteBatch {
     fn drop(&mut self) {
-        // A batch that did not count its events (a broadcast) is weighed by
-        // its sessions alone.
+        // Owed writes left by a batch that ended without its final flush (an
+        // error stopped it) are weighed by their number alone.
         self.flush(0);
         if self.outermost {
             OWED.with_borrow_mut(|owed| *owed = None);

@@ -85,7 +85,7 @@ impl SessionRegistry {
             if Some(*id) == exclude || !handle.is_announced() {
                 continue;
             }
-            match handle.enqueue(packet.clone()) {
+            match handle.enqueue_for_driver(packet.clone()) {
                 Push::Queued => outcome.queued += 1,
                 Push::Full => outcome.overflowed += 1,
                 Push::Closed => {}

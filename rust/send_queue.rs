@@ -70,11 +70,13 @@ struct QueueState {
 
 impl SendQueue {
     /// Queues `packet` unless that would make more than `max_unsent_bytes`
-    /// wait; if the writer was idle, hands the write to the driver.
+    /// wait, for the driver to write: if the writer was idle, the driver gets
+    /// the role and is woken. One lock per packet, which is what a broadcast
+    /// pays per recipient.
     pub fn push(&self, packet: Bytes, max_unsent_bytes: usize) -> Push {
-        let (outcome, owed) = self.push_quietly(packet, max_unsent_bytes);
+        let (outcome, owed) = self.enqueue(packet, max_unsent_bytes, Writer::Driver);
         if owed {
-            self.hand_over();
+            self.wakeup.notify_one();
         }
         outcome
     }
@@ -83,6 +85,11 @@ impl SendQueue {
     /// the caller now holds the writer role, and so must call
     /// [`write_now`](Self::write_now) or [`hand_over`](Self::hand_over).
     pub fn push_quietly(&self, packet: Bytes, max_unsent_bytes: usize) -> (Push, bool) {
+        self.enqueue(packet, max_unsent_bytes, Writer::Caller)
+    }
+
+    /// Queues, and gives an idle writer's role to `claimant`; returns whether it did.
+    fn enqueue(&self, packet: Bytes, max_unsent_bytes: usize, claimant: Writer) -> (Push, bool) {
         let mut state = self.lock();
         if state.close.is_some() || state.finished {
             return (Push::Closed, false);
@@ -98,7 +105,7 @@ impl SendQueue {
         state.queued.push_back(packet);
         let owed = state.writer == Writer::Idle;
         if owed {
-            state.writer = Writer::Caller;
+            state.writer = claimant;
         }
         (Push::Queued, owed)
     }

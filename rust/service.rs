@@ -15,7 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
-use crate::coalesce::WriteBatch;
 use crate::config::{ServiceConfig, SessionConfig};
 use crate::dispatch::{Event, EventQueue};
 use crate::registry::{BroadcastOutcome, SessionRegistry};
@@ -64,9 +63,6 @@ impl ServiceShared {
 impl ServiceShared {
     /// Queues one encoded packet on every announced session (but `exclude`).
     pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
-        // A fan-out is written by the sessions' drivers, in parallel, not by
-        // this thread one session after another.
-        let _writes = WriteBatch::begin();
         self.registry.broadcast(packet, exclude, &self.stats.send_queue_bytes)
     }
 
@@ -346,5 +342,26 @@ impl ThrottledLog {
         };
         self.last = Some(now);
         log::warn!(target: "servercore", "{}", message(suppressed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Keepalive;
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_and_short_keepalive_by_default() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        configure_socket(&stream, &SessionConfig::default()).unwrap();
+        let socket = SockRef::from(&stream);
+        let defaults = Keepalive::default();
+        assert!(stream.nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), defaults.idle);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), defaults.interval);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), defaults.retries);
     }
 }

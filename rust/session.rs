@@ -142,6 +142,13 @@ impl SessionHandle {
 
     /// [`send`](Self::send) without the service-wide byte count, which a
     /// broadcast adds once for all its recipients.
+    /// Queues for the driver to write: what a broadcast does per recipient, so
+    /// that a fan-out is written by many drivers in parallel, not by the
+    /// broadcasting thread one session after another.
+    pub(crate) fn enqueue_for_driver(&self, packet: Bytes) -> Push {
+        self.queue.push(packet, self.service.config.session.max_send_queue_bytes)
+    }
+
     pub(crate) fn enqueue(self: &Arc<Self>, packet: Bytes) -> Push {
         let (outcome, wake_writer) =
             self.queue.push_quietly(packet, self.service.config.session.max_send_queue_bytes);

@@ -18,7 +18,7 @@ import pytest
 
 from servercore import DisconnectReason, PacketSession
 
-from support import header, packet, poll_until
+from support import RawPeer, header, packet, poll_until
 
 SEQ = struct.Struct("<I")
 BROADCAST_ID = 1
@@ -216,3 +216,93 @@ def test_garbage_ending_in_a_started_packet_is_cut_by_packet_timeout(start_serve
     assert time.monotonic() - started >= 0.5
     assert packets[attacker_id] == [(2, b"fine")]
     assert ids_by_port[local_port(honest)] not in disconnects
+
+
+def test_fifty_honest_clients_see_no_gap_while_every_malformed_header_is_tried(start_server, start_client):
+    """Every attack of the table, one after another, against one server that
+    broadcasts a numbered sequence to 50 honest clients all the while."""
+    reasons: dict[int, DisconnectReason] = {}
+
+    class Game(PacketSession):
+        def on_disconnected(self, reason):
+            reasons[self.id] = reason
+
+    expected: dict[int, int] = {}
+    gaps: list[tuple[int, int, int]] = []
+
+    class Honest(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            number = SEQ.unpack(payload)[0]
+            if number != expected.get(self.id, 0):
+                gaps.append((self.id, expected.get(self.id, 0), number))
+            expected[self.id] = number + 1
+
+    server = start_server(Game, packet_ids={1, 2})
+    client = start_client(Honest, server.port, count=50)
+    poll_until([server, client], lambda: len(server) == 50)
+    attacks = [param.values[0] for param in MALFORMED if not param.values[1]]
+    attacks.append(packet(3, b"evil"))  # an id outside packet_ids
+    attacks.append(random.Random(7).randbytes(10_000))
+    seq = 0
+    for number, attack in enumerate(attacks, start=1):
+        attacker = RawPeer(server.port)
+        try:
+            send_ignoring_close(attacker, attack)
+            deadline = time.monotonic() + 1.0
+            while len(reasons) < number:
+                assert time.monotonic() < deadline, f"attack {number} was not cut within a second"
+                server.broadcast(BROADCAST_ID, SEQ.pack(seq))
+                seq += 1
+                server.poll(0.001)
+                client.poll(0)
+        finally:
+            attacker.close()
+    poll_until([server, client], lambda: len(expected) == 50 and min(expected.values()) == seq, timeout=10,
+               message=lambda: f"honest clients at {sorted(set(expected.values()))[:3]} of {seq}")
+    assert gaps == []
+    assert len(server) == 50
+    assert all(reason.is_fault for reason in reasons.values()), reasons
+
+
+def test_a_session_that_sends_nothing_is_closed_at_the_idle_timeout(start_server, raw_peers):
+    reasons = []
+
+    class Game(PacketSession):
+        def on_disconnected(self, reason):
+            reasons.append(reason)
+
+    server = start_server(Game, idle_timeout=0.3)
+    quiet = raw_peers(server.port)
+    talker = raw_peers(server.port)
+    started = time.monotonic()
+    while time.monotonic() - started < 0.9:  # the talker stays below the timeout
+        talker.send(packet(1, b"."))
+        server.poll(0.1)
+    poll_until(server, lambda: reasons)
+    assert reasons == [DisconnectReason.IDLE_TIMEOUT]
+    assert quiet.wait_closed(1)
+    assert len(server) == 1, "the talker is still connected"
+
+
+def test_a_flooder_over_the_packet_rate_limit_is_cut_and_others_are_not(start_server, raw_peers, caplog):
+    caplog.set_level(logging.WARNING, logger="servercore")
+    reasons = []
+
+    class Game(PacketSession):
+        def on_disconnected(self, reason):
+            reasons.append(reason)
+
+    server = start_server(Game, max_packets_per_second=200)
+    polite = raw_peers(server.port)
+    flooder = raw_peers(server.port)
+    poll_until(server, lambda: len(server) == 2)
+    send_ignoring_close(flooder, packet(1, b"x") * 1000)
+    for _ in range(20):
+        polite.send(packet(1, b"y"))  # 20 in a second: well inside the limit
+        server.poll(0.05)
+    poll_until(server, lambda: reasons)
+    assert reasons == [DisconnectReason.RATE_LIMITED]
+    assert flooder.wait_closed(1)
+    assert len(server) == 1
+    lines = [r.getMessage() for r in caplog.records if "RATE_LIMITED" in r.getMessage()]
+    assert len(lines) == 1 and f"127.0.0.1:{local_port(flooder)}" in lines[0] and "max_packets_per_second 200" in lines[0]

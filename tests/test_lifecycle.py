@@ -723,3 +723,29 @@ def test_max_sessions_rejects_the_connection_over_the_limit(start_server, raw_pe
     assert len(server) == 3
     for n, peer in enumerate(peers):
         assert exchange(server, peer, packet(8, bytes([n]))) == (8, bytes([n]))
+
+
+def test_sending_disconnecting_and_broadcasting_from_on_disconnected_is_harmless(start_server, start_client):
+    """The game code's natural reaction to a leaving player (tell the others,
+    say goodbye to the one leaving) must not raise, re-enter, or lose anyone."""
+    outcomes = []
+
+    class Game(PacketSession):
+        def on_disconnected(self, reason):
+            outcomes.append((self.send(1, b"bye"), self.disconnect(), server.broadcast(2, b"left", exclude=self)))
+
+    heard = []
+
+    class Player(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            heard.append((self.id, packet_id, payload))
+
+    server = start_server(Game)
+    client = start_client(Player, server.port, count=3)
+    poll_until([server, client], lambda: len(server) == 3)
+    leaving = server.sessions[0]
+    leaving.disconnect()
+    poll_until([server, client], lambda: outcomes and len(heard) == 2)
+    assert outcomes == [(False, False, 2)]
+    assert sorted(packet_id for _, packet_id, _ in heard) == [2, 2]
+    assert len(server) == 2
