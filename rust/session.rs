@@ -115,6 +115,11 @@ impl SessionHandle {
         self.queue.is_open()
     }
 
+    /// Bytes queued and not yet taken by the kernel.
+    pub fn send_queue_bytes(&self) -> usize {
+        self.queue.unsent_bytes()
+    }
+
     /// Why the session is closing or closed, once it is.
     pub fn close_reason(&self) -> Option<DisconnectReason> {
         self.queue.close_reason()

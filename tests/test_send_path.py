@@ -453,3 +453,31 @@ def test_a_peer_that_never_reads_is_disconnected_with_send_queue_full_while_othe
     assert len(server) == 1
     assert server.sessions[0].connected
     assert server.stats()["disconnects"]["SEND_QUEUE_FULL"] == 1
+
+
+def test_send_queue_bytes_shows_how_far_a_peer_is_behind(start_server):
+    import socket as _socket
+
+    class Game(PacketSession):
+        pass
+
+    server = start_server(Game, max_send_queue_bytes=64 << 20)
+    lagging = _socket.socket()
+    lagging.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+    lagging.connect(("127.0.0.1", server.port))
+    try:
+        poll_until(server, lambda: len(server) == 1)
+        (session,) = server.sessions
+        assert session.send_queue_bytes == 0
+        sent = 0
+        # Until the kernel's buffers (which autotune to megabytes) are full.
+        while session.send_queue_bytes == 0 and sent < 32_000:
+            session.send(1, b"\0" * 1000)
+            sent += 1
+        server.poll(0.1)
+        behind = session.send_queue_bytes
+        assert 0 < behind <= sent * 1004
+        assert server.stats()["send_queue_bytes"] == behind
+        assert session.connected
+    finally:
+        lagging.close()

@@ -46,6 +46,10 @@ class Session:
     def peer(self) -> tuple[str, int]:
         """The peer's (host, port)."""
     @property
+    def send_queue_bytes(self) -> int:
+        """Bytes queued on this session and not yet taken by the kernel: how far
+        the peer is behind. At `max_send_queue_bytes` the session is cut."""
+    @property
     def connected(self) -> bool:
         """True until the session starts closing."""
     @overload

@@ -62,6 +62,13 @@ impl PySession {
         Ok((peer.ip().to_string(), peer.port()))
     }
 
+    /// Bytes queued on this session and not yet taken by the kernel: how far
+    /// the peer is behind. At `max_send_queue_bytes` the session is cut.
+    #[getter]
+    fn send_queue_bytes(&self) -> usize {
+        self.handle.get().map_or(0, |h| h.send_queue_bytes())
+    }
+
     /// True until the session starts closing.
     #[getter]
     fn connected(&self) -> bool {
