@@ -20,16 +20,12 @@ use crate::frame::{self, FrameError, FrameLimits, PacketRun};
 /// Bytes asked of the socket per read when no partial packet needs more.
 pub const DEFAULT_READ_SIZE: usize = 8 * 1024;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RecvBuffer {
     buf: BytesMut,
-    read_size: usize,
 }
 
 impl RecvBuffer {
-    pub fn new(read_size: usize) -> Self {
-        Self { buf: BytesMut::new(), read_size: read_size.max(1) }
-    }
 
     /// The received bytes not yet taken.
     pub fn unread(&self) -> &[u8] {
@@ -44,16 +40,12 @@ impl RecvBuffer {
         self.buf.is_empty()
     }
 
-    /// Reads once into the free space, making room for at least `want` more bytes
-    /// (or the default read size, whichever is larger). `read` is a non-blocking
-    /// read such as `TcpStream::try_read_buf`; its result is returned as is, so
-    /// `Ok(0)` still means end of stream.
-    pub fn read_with(
-        &mut self,
-        want: usize,
-        read: impl FnOnce(&mut BytesMut) -> io::Result<usize>,
-    ) -> io::Result<usize> {
-        self.buf.reserve(want.max(self.read_size));
+    /// Reads once into the free space, making room for at least `room` more
+    /// bytes first. `read` is a non-blocking read such as
+    /// `TcpStream::try_read_buf`; its result is returned as is, so `Ok(0)` still
+    /// means end of stream.
+    pub fn read_with(&mut self, room: usize, read: impl FnOnce(&mut BytesMut) -> io::Result<usize>) -> io::Result<usize> {
+        self.buf.reserve(room.max(1));
         read(&mut self.buf)
     }
 
@@ -113,16 +105,16 @@ mod tests {
 
     #[test]
     fn a_new_buffer_holds_no_memory() {
-        let buf = RecvBuffer::new(DEFAULT_READ_SIZE);
+        let buf = RecvBuffer::default();
         assert_eq!(buf.capacity(), 0);
         assert!(buf.is_empty());
     }
 
     #[test]
-    fn a_read_gets_at_least_the_read_size_or_what_is_wanted() {
-        let mut buf = RecvBuffer::new(64);
+    fn a_read_gets_at_least_the_room_asked_for() {
+        let mut buf = RecvBuffer::default();
         let mut offered = 0;
-        buf.read_with(10, |b| {
+        buf.read_with(64, |b| {
             offered = b.capacity() - b.len();
             b.put_slice(b"abc");
             Ok(3)
@@ -140,7 +132,7 @@ mod tests {
 
     #[test]
     fn taking_keeps_the_rest_for_the_next_read() {
-        let mut buf = RecvBuffer::new(16);
+        let mut buf = RecvBuffer::default();
         buf.extend_from_slice(b"hello world");
         assert_eq!(&buf.take(6)[..], b"hello ");
         assert_eq!(buf.unread(), b"world");
@@ -150,7 +142,7 @@ mod tests {
 
     #[test]
     fn taken_bytes_survive_later_reads_into_the_same_buffer() {
-        let mut buf = RecvBuffer::new(8);
+        let mut buf = RecvBuffer::default();
         buf.extend_from_slice(b"first");
         let first = buf.take(5);
         for _ in 0..100 {
@@ -167,7 +159,7 @@ mod tests {
     #[test]
     fn next_packets_cuts_whole_packets_as_one_run_and_keeps_the_rest() {
         let limits = FrameLimits::default();
-        let mut buf = RecvBuffer::new(16);
+        let mut buf = RecvBuffer::default();
         buf.extend_from_slice(&[5, 0, 9, 0, b'a', 4, 0, 7, 0, 4, 0, 1]);
         let run = buf.next_packets(&limits).unwrap().unwrap();
         let packets: Vec<(u16, &[u8])> = run.iter().collect();
@@ -182,7 +174,7 @@ mod tests {
     #[test]
     fn a_lying_header_ends_the_run_before_it_and_stays_in_place() {
         let limits = FrameLimits::default();
-        let mut buf = RecvBuffer::new(16);
+        let mut buf = RecvBuffer::default();
         buf.extend_from_slice(&[4, 0, 1, 0, 0, 0, 1, 0]);
         assert_eq!(buf.next_packets(&limits).unwrap().unwrap().len(), 1);
         assert!(buf.next_packets(&limits).is_err());
@@ -191,7 +183,7 @@ mod tests {
 
     #[test]
     fn an_empty_buffer_can_give_its_memory_back() {
-        let mut buf = RecvBuffer::new(1024);
+        let mut buf = RecvBuffer::default();
         buf.extend_from_slice(b"abcd");
         buf.take(4);
         buf.release_if_empty();
@@ -229,7 +221,7 @@ mod tests {
                 points.push(stream.len());
                 points.sort_unstable();
                 let limits = FrameLimits::default();
-                let mut buf = RecvBuffer::new(64);
+                let mut buf = RecvBuffer::default();
                 let mut decoded = Vec::new();
                 for piece in points.windows(2) {
                     buf.extend_from_slice(&stream[piece[0]..piece[1]]);
@@ -246,7 +238,7 @@ mod tests {
             #[test]
             fn garbage_always_makes_progress_or_stops(bytes in vec(any::<u8>(), 0..2000)) {
                 let limits = FrameLimits::default();
-                let mut buf = RecvBuffer::new(64);
+                let mut buf = RecvBuffer::default();
                 buf.extend_from_slice(&bytes);
                 loop {
                     let before = buf.len();

@@ -16,9 +16,11 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes};
-use tokio::sync::Notify;
 
 use crate::reason::DisconnectReason;
 
@@ -49,10 +51,12 @@ enum Writer {
 #[derive(Default)]
 pub struct SendQueue {
     state: Mutex<QueueState>,
-    /// Wakes the session's driver: the writer role was handed to it, a close
-    /// was requested, or (through the session) the application caught up with
-    /// a paused reader.
-    wakeup: Notify,
+    /// Set, and the driver woken, when the writer role was handed to it, a
+    /// close was requested, or (through the session) the application caught
+    /// up with a paused reader. A flag and a waker, not a `Notify`: the driver
+    /// polls it, and keeps no waiter future alive across its life.
+    woken: AtomicBool,
+    driver: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -76,7 +80,7 @@ impl SendQueue {
     pub fn push(&self, packet: Bytes, max_unsent_bytes: usize) -> Push {
         let (outcome, owed) = self.enqueue(packet, max_unsent_bytes, Writer::Driver);
         if owed {
-            self.wakeup.notify_one();
+            self.wake_driver();
         }
         outcome
     }
@@ -98,7 +102,7 @@ impl SendQueue {
             state.close = Some(DisconnectReason::SendQueueFull);
             state.overflow = Some((state.unsent_bytes, packet.len()));
             drop(state);
-            self.wakeup.notify_one();
+            self.wake_driver();
             return (Push::Full, false);
         }
         state.unsent_bytes += packet.len();
@@ -117,12 +121,24 @@ impl SendQueue {
             state.writer = Writer::Driver;
         }
         drop(state);
-        self.wakeup.notify_one();
+        self.wake_driver();
     }
 
-    /// Wakes the driver without changing who writes.
+    /// Wakes the driver without changing who writes. A wakeup that comes while
+    /// the driver is busy is kept for its next poll.
     pub fn wake_driver(&self) {
-        self.wakeup.notify_one();
+        self.woken.store(true, Ordering::Release);
+        self.driver.wake();
+    }
+
+    /// The driver's side: ready once since the last time it was woken.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        // Registered before the flag is read again, so a wakeup in between is not lost.
+        self.driver.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
     }
 
     /// The caller holding the writer role writes what is queued, with `write`
@@ -153,7 +169,7 @@ impl SendQueue {
         state.writer = if done { Writer::Idle } else { Writer::Driver };
         drop(state);
         if !done {
-            self.wakeup.notify_one();
+            self.wake_driver();
         }
         (bytes, packets)
     }
@@ -171,7 +187,7 @@ impl SendQueue {
             state.writer = Writer::Driver;
         }
         drop(state);
-        self.wakeup.notify_one();
+        self.wake_driver();
         true
     }
 
@@ -193,10 +209,9 @@ impl SendQueue {
         self.lock().unsent_bytes
     }
 
-    /// Resolves when the driver is woken (see [`SendQueue::wakeup`]). A wakeup
-    /// that comes while nobody waits is kept for the next call.
+    /// Resolves when the driver is woken (see [`SendQueue::woken`]).
     pub async fn woken(&self) {
-        self.wakeup.notified().await
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }
 
     /// The driver's side: `written` bytes left for the kernel since the last

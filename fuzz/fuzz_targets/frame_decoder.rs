@@ -13,7 +13,7 @@ fuzz_target!(|input: &[u8]| {
     let max_packet_size = usize::from(u16::from_be_bytes([max_hi, max_lo])).clamp(HEADER_SIZE, MAX_WIRE_PACKET_SIZE);
     let limits = FrameLimits { max_packet_size, allowed_ids: None };
     let piece = usize::from(piece).max(1);
-    let mut buf = RecvBuffer::new(64);
+    let mut buf = RecvBuffer::default();
     for chunk in stream.chunks(piece) {
         buf.extend_from_slice(chunk);
         loop {
