@@ -61,6 +61,10 @@ const TURNS_PER_POLL: usize = 16;
 /// Slots of the in-flight queue a session keeps once everything is written.
 const IDLE_IN_FLIGHT_CAPACITY: usize = 16;
 
+/// A write turn stops after this many bytes: a session sent to without pause
+/// still reads, and yields its thread to the others.
+const WRITE_TURN_BYTES: usize = 256 * 1024;
+
 /// A read turn stops after this many bytes so one flooding peer yields its thread.
 const READ_TURN_BYTES: usize = 64 * 1024;
 
@@ -523,6 +527,13 @@ impl Connection {
                     packets_written += packets;
                     if handle.service.config.session.report_sent {
                         push_event(Event::Sent { session: handle.id, nbytes: bytes });
+                    }
+                    if bytes_written >= WRITE_TURN_BYTES {
+                        // A turn's worth: the peer's bytes (its FIN, say) and the
+                        // other sessions come first; the wakeup brings us back.
+                        handle.queue.collect(std::mem::take(&mut unsettled), &mut self.in_flight);
+                        handle.queue.wake_driver();
+                        break Ok(());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
