@@ -416,43 +416,33 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- workloads
 
 
-def run_b1(server: str, p: dict[str, Any], timeout: float) -> dict[str, Any]:
-    with ServerProcess(server, "broadcast") as srv:
+def run_loadgen(server: str, mode: str, arguments: list[str], timeout: float) -> dict[str, Any]:
+    """Starts `server` in `mode`, runs the load client with `arguments` against it."""
+    with ServerProcess(server, mode) as srv:
         try:
-            result = loadgen(
-                ["broadcast", "--port", str(srv.port), "--clients", str(p["clients"]),
-                 "--packets", str(p["packets"]), "--size", str(p["size"])],
-                timeout,
-            )
+            result = loadgen([arguments[0], "--port", str(srv.port), *arguments[1:]], timeout)
         finally:
             srv.stop()
         return with_server_report(result, srv)
+
+
+def run_b1(server: str, p: dict[str, Any], timeout: float) -> dict[str, Any]:
+    return run_loadgen(server, "broadcast", [
+        "broadcast", "--clients", str(p["clients"]), "--packets", str(p["packets"]), "--size", str(p["size"]),
+    ], timeout)
 
 
 def run_e1(server: str, p: dict[str, Any], timeout: float) -> dict[str, Any]:
-    with ServerProcess(server, "echo") as srv:
-        try:
-            result = loadgen(
-                ["echo", "--port", str(srv.port), "--clients", str(p["clients"]), "--inflight", str(p["inflight"]),
-                 "--count", str(p["count"]), "--size", str(p["size"])],
-                timeout,
-            )
-        finally:
-            srv.stop()
-        return with_server_report(result, srv)
+    return run_loadgen(server, "echo", [
+        "echo", "--clients", str(p["clients"]), "--inflight", str(p["inflight"]), "--count", str(p["count"]),
+        "--size", str(p["size"]),
+    ], timeout)
 
 
 def run_l1(server: str, p: dict[str, Any], timeout: float) -> dict[str, Any]:
-    with ServerProcess(server, "echo") as srv:
-        try:
-            result = loadgen(
-                ["latency", "--port", str(srv.port), "--clients", str(p["clients"]), "--count", str(p["count"]),
-                 "--size", str(p["size"])],
-                timeout,
-            )
-        finally:
-            srv.stop()
-        return with_server_report(result, srv)
+    return run_loadgen(server, "echo", [
+        "latency", "--clients", str(p["clients"]), "--count", str(p["count"]), "--size", str(p["size"]),
+    ], timeout)
 
 
 def run_m1(server: str, p: dict[str, Any], timeout: float) -> dict[str, Any]:

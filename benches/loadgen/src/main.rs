@@ -162,7 +162,7 @@ struct FloodArgs {
 
 fn main() {
     let cli = Cli::parse();
-    raise_nofile_limit();
+    servercore_loadgen::raise_nofile_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -190,16 +190,6 @@ fn main() {
 
 // ---------------------------------------------------------------- utilities
 
-fn raise_nofile_limit() {
-    // SAFETY: plain libc calls with a valid, owned struct.
-    unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
 
 fn nofile_limit() -> u64 {
     // SAFETY: as above.

@@ -91,20 +91,10 @@ impl App {
     }
 }
 
-fn raise_nofile_limit() {
-    // SAFETY: plain libc calls with a valid, owned struct.
-    unsafe {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
 
 fn main() {
     let cli = Cli::parse();
-    raise_nofile_limit();
+    servercore_loadgen::raise_nofile_limit();
     let mut config = ServiceConfig::default();
     if let Some(n) = cli.io_threads {
         config.io_threads = n;
