@@ -145,13 +145,12 @@ impl SessionClass {
     }
 }
 
-/// A connected session's Python side.
+/// A connected session's Python side: 16 bytes, since ten thousand idle
+/// players each have one.
 struct Entry {
     /// None if the session class raised when it was instantiated.
     object: Option<Py<PyAny>>,
     handle: Arc<SessionHandle>,
-    /// Raw sessions: bytes `on_recv` has not consumed yet.
-    unconsumed: BytesMut,
 }
 
 /// The session whose events are being delivered. A read's worth of packets
@@ -197,6 +196,9 @@ struct Delivery {
 pub struct Dispatcher {
     pub class: SessionClass,
     sessions: Mutex<FxHashMap<SessionId, Entry>>,
+    /// Raw sessions: the bytes `on_recv` has not consumed yet, kept only while
+    /// there are some.
+    unconsumed: Mutex<FxHashMap<SessionId, BytesMut>>,
     delivery: Mutex<Delivery>,
     reasons: PyOnceLock<Vec<Py<PyAny>>>,
 }
@@ -206,6 +208,7 @@ impl Dispatcher {
         Self {
             class,
             sessions: Mutex::new(FxHashMap::default()),
+            unconsumed: Mutex::new(FxHashMap::default()),
             delivery: Mutex::new(Delivery::default()),
             reasons: PyOnceLock::new(),
         }
@@ -368,6 +371,7 @@ impl Dispatcher {
             }
             Event::Disconnected { session, reason } => {
                 run.end();
+                self.lock_unconsumed().remove(&session);
                 let entry = self.lock_sessions().remove(&session);
                 let Some(Entry { object: Some(object), handle, .. }) = entry else { return Ok(()) };
                 let reason = self.reason(py, reason)?;
@@ -403,7 +407,7 @@ impl Dispatcher {
             Ok(object)
         });
         let object = created.as_ref().ok().map(|object| object.clone().unbind());
-        let entry = Entry { object, handle: handle.clone(), unconsumed: BytesMut::new() };
+        let entry = Entry { object, handle: handle.clone() };
         self.lock_sessions().insert(handle.id(), entry);
         match created {
             Ok(object) => {
@@ -432,10 +436,7 @@ impl Dispatcher {
             shared.count_discarded(1);
             return Ok(());
         }
-        let mut unconsumed = match self.lock_sessions().get_mut(&session) {
-            Some(entry) => std::mem::take(&mut entry.unconsumed),
-            None => return Ok(()),
-        };
+        let mut unconsumed = self.lock_unconsumed().remove(&session).unwrap_or_default();
         unconsumed.extend_from_slice(&data);
         let consumed = match &self.class.on_recv {
             Callback::Default => unconsumed.len(),
@@ -476,8 +477,8 @@ impl Dispatcher {
             handle.close(DisconnectReason::PacketTooLarge);
             return Ok(());
         }
-        if let Some(entry) = self.lock_sessions().get_mut(&session) {
-            entry.unconsumed = unconsumed;
+        if !unconsumed.is_empty() && handle.delivers() {
+            self.lock_unconsumed().insert(session, unconsumed);
         }
         Ok(())
     }
@@ -518,6 +519,10 @@ impl Dispatcher {
 
     fn lock_sessions(&self) -> MutexGuard<'_, FxHashMap<SessionId, Entry>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_unconsumed(&self) -> MutexGuard<'_, FxHashMap<SessionId, BytesMut>> {
+        self.unconsumed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_delivery(&self) -> PyResult<MutexGuard<'_, Delivery>> {
