@@ -300,10 +300,8 @@ mod tests {
 
     #[test]
     fn an_id_outside_the_allowed_set_is_rejected() {
-        let limits = FrameLimits {
-            max_packet_size: 4096,
-            allowed_ids: Some([1u16, 2, 65535].into_iter().collect()),
-        };
+        let limits =
+            FrameLimits { max_packet_size: 4096, allowed_ids: Some([1u16, 2, 65535].into_iter().collect()) };
         assert_eq!(check(&header(4, 3), &limits), Err(FrameError::UnknownId { id: 3 }));
         assert!(check(&header(4, 65535), &limits).unwrap().is_some());
     }

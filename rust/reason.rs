@@ -118,8 +118,7 @@ mod tests {
 
     #[test]
     fn only_local_closes_flush() {
-        let flushing: Vec<_> =
-            DisconnectReason::ALL.into_iter().filter(|r| r.flushes_queue()).collect();
+        let flushing: Vec<_> = DisconnectReason::ALL.into_iter().filter(|r| r.flushes_queue()).collect();
         assert_eq!(flushing, [DisconnectReason::ClosedLocally, DisconnectReason::ServerShutdown]);
     }
 }

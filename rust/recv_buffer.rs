@@ -26,7 +26,6 @@ pub struct RecvBuffer {
 }
 
 impl RecvBuffer {
-
     /// The received bytes not yet taken.
     pub fn unread(&self) -> &[u8] {
         &self.buf
@@ -44,7 +43,11 @@ impl RecvBuffer {
     /// bytes first. `read` is a non-blocking read such as
     /// `TcpStream::try_read_buf`; its result is returned as is, so `Ok(0)` still
     /// means end of stream.
-    pub fn read_with(&mut self, room: usize, read: impl FnOnce(&mut BytesMut) -> io::Result<usize>) -> io::Result<usize> {
+    pub fn read_with(
+        &mut self,
+        room: usize,
+        read: impl FnOnce(&mut BytesMut) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         self.buf.reserve(room.max(1));
         read(&mut self.buf)
     }

@@ -76,7 +76,12 @@ impl SessionRegistry {
     /// of (`Connected` delivered), except `exclude`.
     /// `unsent_bytes` is the service's gauge of queued bytes; it is raised before
     /// the packet is queued, since writers may take it off at once.
-    pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>, unsent_bytes: &AtomicUsize) -> BroadcastOutcome {
+    pub fn broadcast(
+        &self,
+        packet: &Bytes,
+        exclude: Option<SessionId>,
+        unsent_bytes: &AtomicUsize,
+    ) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         let state = self.lock();
         let most = state.sessions.len() * packet.len();

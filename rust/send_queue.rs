@@ -370,7 +370,8 @@ mod tests {
 
     #[test]
     fn write_gathered_consumes_whole_and_partial_packets() {
-        let mut packets: VecDeque<Bytes> = [&b"ab"[..], b"cd", b"ef"].into_iter().map(Bytes::from_static).collect();
+        let mut packets: VecDeque<Bytes> =
+            [&b"ab"[..], b"cd", b"ef"].into_iter().map(Bytes::from_static).collect();
         assert_eq!(write_gathered(&mut packets, |_| Ok(3)).unwrap(), (3, 1));
         assert_eq!(packets.len(), 2);
         assert_eq!(&packets[0][..], b"d");

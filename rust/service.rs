@@ -46,7 +46,12 @@ impl ServiceShared {
 
     /// Registers a connected socket and starts its driver. A stopping service, or
     /// one at `max_sessions`, closes it instead.
-    fn start_session(self: &Arc<Self>, runtime: &tokio::runtime::Handle, stream: TcpStream, peer: SocketAddr) -> bool {
+    fn start_session(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> bool {
         if let Err(error) = configure_socket(&stream, &self.config.session) {
             log::debug!(target: "servercore", "{peer}: socket options not applied: {error}");
         }
@@ -137,7 +142,8 @@ impl Service {
         self.shared.registry.close_all(reason);
         let grace = self.shared.config.session.linger + Duration::from_secs(1);
         let registry = &self.shared.registry;
-        let drained = runtime.block_on(async { tokio::time::timeout(grace, registry.emptied()).await.is_ok() });
+        let drained =
+            runtime.block_on(async { tokio::time::timeout(grace, registry.emptied()).await.is_ok() });
         if !drained {
             log::warn!(
                 target: "servercore",
@@ -208,7 +214,11 @@ pub struct ConnectReport {
 impl Client {
     /// Opens `count` sessions to `addr`, all at once, and returns when every
     /// attempt has connected or failed (each bounded by `connect_timeout`).
-    pub fn connect(config: ServiceConfig, addr: SocketAddr, count: usize) -> io::Result<(Self, ConnectReport)> {
+    pub fn connect(
+        config: ServiceConfig,
+        addr: SocketAddr,
+        count: usize,
+    ) -> io::Result<(Self, ConnectReport)> {
         let service = Service::new(config, "client")?;
         let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
         let shared = service.shared.clone();

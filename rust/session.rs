@@ -21,9 +21,9 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use socket2::SockRef;
@@ -604,7 +604,11 @@ impl Connection {
             if now >= self.last_received + limit {
                 return Err(Stop::new(
                     DisconnectReason::IdleTimeout,
-                    format!("nothing received for {:.1}s, idle_timeout {:.1}s", (now - self.last_received).as_secs_f64(), limit.as_secs_f64()),
+                    format!(
+                        "nothing received for {:.1}s, idle_timeout {:.1}s",
+                        (now - self.last_received).as_secs_f64(),
+                        limit.as_secs_f64()
+                    ),
                 ));
             }
         }
@@ -637,8 +641,10 @@ impl Connection {
         if tokio::time::timeout(linger, self.part()).await.is_err() {
             let unsent = self.farewell.handle.queue.unsent_bytes();
             if unsent > 0 {
-                self.farewell.detail =
-                    Some(format!("linger of {:.1}s expired with {unsent} bytes unsent", linger.as_secs_f64()).into());
+                self.farewell.detail = Some(
+                    format!("linger of {:.1}s expired with {unsent} bytes unsent", linger.as_secs_f64())
+                        .into(),
+                );
             }
         }
     }

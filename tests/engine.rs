@@ -120,7 +120,8 @@ fn packets_are_delivered_whole_and_in_order_however_they_are_split() {
     let server = listen(ServiceConfig::default());
     let mut app = App::echoing();
     let mut client = connect(server.local_addr());
-    let stream: Vec<u8> = (0..50u16).flat_map(|i| packet(i, &i.to_le_bytes().repeat(usize::from(i)))).collect();
+    let stream: Vec<u8> =
+        (0..50u16).flat_map(|i| packet(i, &i.to_le_bytes().repeat(usize::from(i)))).collect();
     for piece in stream.chunks(7) {
         client.write_all(piece).unwrap();
     }

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyType};
-use pyo3::intern;
 use rustc_hash::FxHashMap;
 
 use super::logging;
@@ -71,7 +71,11 @@ impl Callback {
         }
     }
 
-    fn call1<'py>(&self, session: &Bound<'py, PyAny>, a: impl IntoPyObject<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn call1<'py>(
+        &self,
+        session: &Bound<'py, PyAny>,
+        a: impl IntoPyObject<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         match self {
             Callback::Default => Ok(session.py().None().into_bound(session.py())),
             Callback::Function(function) => function.bind(session.py()).call1((session, a)),
@@ -280,7 +284,12 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn deliver_pending(&self, py: Python<'_>, shared: &ServiceShared, delivery: &mut Delivery) -> PyResult<usize> {
+    fn deliver_pending(
+        &self,
+        py: Python<'_>,
+        shared: &ServiceShared,
+        delivery: &mut Delivery,
+    ) -> PyResult<usize> {
         logging::flush(py)?;
         // Answers given by these callbacks leave in one write per session.
         let writes = WriteBatch::begin();
@@ -328,7 +337,9 @@ impl Dispatcher {
                 self.connected(py, handle)
             }
             Event::Packets { session, packets } => {
-                let Some(object) = self.receiving(py, run, session, packets.byte_len()) else { return Ok(()) };
+                let Some(object) = self.receiving(py, run, session, packets.byte_len()) else {
+                    return Ok(());
+                };
                 let object = object.bind(py);
                 let handle = run.handle();
                 for (delivered, (packet_id, payload)) in packets.iter().enumerate() {
@@ -429,7 +440,14 @@ impl Dispatcher {
         current.object.as_ref().map(|o| o.clone_ref(py))
     }
 
-    fn received(&self, py: Python<'_>, shared: &ServiceShared, run: &mut Run, session: SessionId, data: Bytes) -> PyResult<()> {
+    fn received(
+        &self,
+        py: Python<'_>,
+        shared: &ServiceShared,
+        run: &mut Run,
+        session: SessionId,
+        data: Bytes,
+    ) -> PyResult<()> {
         let Some(object) = self.receiving(py, run, session, data.len()) else { return Ok(()) };
         let handle = run.handle().clone();
         if !handle.delivers() {
@@ -485,7 +503,13 @@ impl Dispatcher {
 
     /// A callback's outcome: an Exception is logged with its traceback and costs
     /// its session (CALLBACK_ERROR); KeyboardInterrupt and SystemExit go on up.
-    fn check<T>(&self, py: Python<'_>, result: PyResult<T>, handle: &SessionHandle, callback: &str) -> PyResult<()> {
+    fn check<T>(
+        &self,
+        py: Python<'_>,
+        result: PyResult<T>,
+        handle: &SessionHandle,
+        callback: &str,
+    ) -> PyResult<()> {
         let Err(error) = result else { return Ok(()) };
         if !error.is_instance_of::<PyException>(py) {
             return Err(error);

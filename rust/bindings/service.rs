@@ -72,7 +72,11 @@ impl PyService {
             engine: Mutex::new(None),
             local_addr: OnceLock::new(),
             stopped: AtomicBool::new(false),
-            stop_reason: if client { DisconnectReason::ClosedLocally } else { DisconnectReason::ServerShutdown },
+            stop_reason: if client {
+                DisconnectReason::ClosedLocally
+            } else {
+                DisconnectReason::ServerShutdown
+            },
         })
     }
 
@@ -97,7 +101,9 @@ impl PyService {
         start: impl FnOnce(ServiceConfig, SocketAddr) -> Result<Engine, (std::io::Error, String)> + Send,
     ) -> PyResult<()> {
         if self.stopped.load(Ordering::Acquire) {
-            return Err(PyRuntimeError::new_err("a stopped service cannot be started again; create a new one"));
+            return Err(PyRuntimeError::new_err(
+                "a stopped service cannot be started again; create a new one",
+            ));
         }
         let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         if engine.is_some() {
@@ -420,7 +426,8 @@ fn parse_options(options: Option<&Bound<'_, PyDict>>, client: bool) -> PyResult<
             "max_send_queue_bytes" => session.max_send_queue_bytes = positive(&key, &value)?,
             "max_pending_recv_bytes" => session.max_pending_recv_bytes = positive(&key, &value)?,
             "packet_timeout" => {
-                session.packet_timeout = (!none).then(|| seconds(&key, value.extract()?, false)).transpose()?
+                session.packet_timeout =
+                    (!none).then(|| seconds(&key, value.extract()?, false)).transpose()?
             }
             "idle_timeout" => {
                 session.idle_timeout = (!none).then(|| seconds(&key, value.extract()?, false)).transpose()?
@@ -444,7 +451,9 @@ fn parse_options(options: Option<&Bound<'_, PyDict>>, client: bool) -> PyResult<
             "connect_timeout" if client => config.connect_timeout = seconds(&key, value.extract()?, false)?,
             _ => {
                 let kind = if client { "Client" } else { "Server" };
-                return Err(PyTypeError::new_err(format!("{kind}() got an unexpected keyword argument '{key}'")));
+                return Err(PyTypeError::new_err(format!(
+                    "{kind}() got an unexpected keyword argument '{key}'"
+                )));
             }
         }
     }
