@@ -8,6 +8,10 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 
+echo "== cargo fmt --check, cargo clippy"
+cargo fmt --check
+cargo clippy --locked --all-targets --features python -- -D warnings
+
 echo "== cargo test"
 cargo test --locked
 
