@@ -147,7 +147,8 @@ class Service:
         rejected, packets_in/out, bytes_in/out, send_queue_bytes,
         pending_recv_bytes, pending_events, packets_discarded, disconnects
         (by reason name), pool_chunk_size, pool_chunks, pool_chunks_in_use,
-        pool_buffers_encoded, pool_bytes_encoded."""
+        pool_buffers_encoded, pool_bytes_encoded (the README's table says
+        what each means)."""
     def __enter__(self: _S) -> _S: ...
     def __exit__(
         self,
