@@ -749,3 +749,13 @@ def test_sending_disconnecting_and_broadcasting_from_on_disconnected_is_harmless
     assert outcomes == [(False, False, 2)]
     assert sorted(packet_id for _, packet_id, _ in heard) == [2, 2]
     assert len(server) == 2
+
+
+def test_poll_after_stop_returns_at_once_instead_of_waiting_forever(start_server):
+    server = start_server(PacketSession)
+    server.stop()
+    started = time.monotonic()
+    assert server.poll() == 0
+    assert server.poll(timeout=5) == 0
+    assert time.monotonic() - started < 1
+    assert not server.running

@@ -150,6 +150,10 @@ impl PyService {
     fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<usize> {
         let timeout = timeout.map(|t| seconds("timeout", t, true)).transpose()?;
         let shared = self.shared()?.clone();
+        if self.stopped.load(Ordering::Acquire) {
+            // Nothing more can happen: whatever is left is delivered, no waiting.
+            return self.dispatcher.drain(py, &shared);
+        }
         let delivered = self.dispatcher.poll(py, &shared, timeout)?;
         if self.stopped.load(Ordering::Acquire) {
             // stop() was called from a callback of this batch: deliver the rest now.
