@@ -14,18 +14,27 @@ pub enum Framing {
     Raw,
 }
 
-/// TCP keepalive, so a peer that vanished without a FIN or RST is found even when
-/// no game traffic flows. The defaults notice it in about 30 seconds.
+/// Finding a peer that vanished without a FIN or RST (power cut, cable, NAT).
+/// Keepalive probes find it when no game traffic flows; when we are sending to
+/// it, probes are not sent, and `TCP_USER_TIMEOUT` ends the connection once
+/// sent data stays unacknowledged that long (instead of Linux's ~15 minutes of
+/// retransmissions). The defaults notice it in about 30 seconds either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Keepalive {
     pub idle: Duration,
     pub interval: Duration,
     pub retries: u32,
+    pub user_timeout: Duration,
 }
 
 impl Default for Keepalive {
     fn default() -> Self {
-        Self { idle: Duration::from_secs(15), interval: Duration::from_secs(5), retries: 3 }
+        Self {
+            idle: Duration::from_secs(15),
+            interval: Duration::from_secs(5),
+            retries: 3,
+            user_timeout: Duration::from_secs(30),
+        }
     }
 }
 

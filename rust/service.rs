@@ -284,7 +284,9 @@ fn configure_socket(stream: &TcpStream, config: &SessionConfig) -> io::Result<()
             .with_time(keepalive.idle)
             .with_interval(keepalive.interval)
             .with_retries(keepalive.retries);
-        SockRef::from(stream).set_tcp_keepalive(&params)?;
+        let socket = SockRef::from(stream);
+        socket.set_tcp_keepalive(&params)?;
+        socket.set_tcp_user_timeout(Some(keepalive.user_timeout))?;
     }
     Ok(())
 }
@@ -373,5 +375,6 @@ mod tests {
         assert_eq!(socket.tcp_keepalive_time().unwrap(), defaults.idle);
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), defaults.interval);
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), defaults.retries);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(defaults.user_timeout));
     }
 }
