@@ -20,15 +20,15 @@ use crate::session::SessionHandle;
 const WRITE_HERE_SESSIONS: usize = 32;
 
 /// A batch of more events than this is load: its writes go to the drivers.
-pub const LIGHT_BATCH_EVENTS: usize = 64;
+const LIGHT_BATCH_EVENTS: usize = 64;
 
 thread_local! {
-    /// Writers owed a wakeup by sends made on this thread inside a batch.
+    /// Sessions owed a write by sends made on this thread inside a batch.
     static OWED: RefCell<Option<Vec<Arc<SessionHandle>>>> = const { RefCell::new(None) };
 }
 
-/// While alive, sends made on this thread defer waking their writers until
-/// [`flush`](Self::flush) or drop. Batches may nest; the outermost one owns the wakeups.
+/// While alive, sends made on this thread defer their writes until
+/// [`flush`](Self::flush) or drop. Batches may nest; the outermost one owns the writes.
 pub struct WriteBatch {
     outermost: bool,
 }

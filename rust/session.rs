@@ -139,36 +139,31 @@ impl SessionHandle {
     }
 
     /// Queues an encoded packet. Never blocks and never waits for the socket.
-    /// Inside a [`WriteBatch`](crate::coalesce::WriteBatch) the writer is woken
-    /// when the batch ends.
+    /// If the writer was idle, this caller writes it: at once, or, inside a
+    /// [`WriteBatch`](crate::coalesce::WriteBatch), when the batch ends (or
+    /// hands it to the driver if the batch was heavy).
     pub fn send(self: &Arc<Self>, packet: Bytes) -> Push {
         let len = packet.len();
         // Counted before it is queued: the writer may take it off at once.
         let counter = &self.service.stats.send_queue_bytes;
         counter.fetch_add(len, Ordering::Relaxed);
-        let outcome = self.enqueue(packet);
+        let (outcome, owed) =
+            self.queue.push_quietly(packet, self.service.config.session.max_send_queue_bytes);
+        if owed {
+            coalesce::write_or_defer(self);
+        }
         if outcome != Push::Queued {
             counter.fetch_sub(len, Ordering::Relaxed);
         }
         outcome
     }
 
-    /// [`send`](Self::send) without the service-wide byte count, which a
-    /// broadcast adds once for all its recipients.
-    /// Queues for the driver to write: what a broadcast does per recipient, so
-    /// that a fan-out is written by many drivers in parallel, not by the
-    /// broadcasting thread one session after another.
+    /// Queues for the driver to write, without the service-wide byte count
+    /// (a broadcast adds it once for all its recipients): so a fan-out is
+    /// written by many drivers in parallel, not by the broadcasting thread one
+    /// session after another.
     pub(crate) fn enqueue_for_driver(&self, packet: Bytes) -> Push {
         self.queue.push(packet, self.service.config.session.max_send_queue_bytes)
-    }
-
-    pub(crate) fn enqueue(self: &Arc<Self>, packet: Bytes) -> Push {
-        let (outcome, wake_writer) =
-            self.queue.push_quietly(packet, self.service.config.session.max_send_queue_bytes);
-        if wake_writer {
-            coalesce::write_or_defer(self);
-        }
-        outcome
     }
 
     /// Gives the write this caller owes to the driver.
