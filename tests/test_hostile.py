@@ -264,13 +264,19 @@ def test_fifty_honest_clients_see_no_gap_while_every_malformed_header_is_tried(s
     assert all(reason.is_fault for reason in reasons.values()), reasons
 
 
-def test_a_session_that_sends_nothing_is_closed_at_the_idle_timeout(start_server, raw_peers):
-    reasons = []
+def reason_recorder():
+    """A session class that records the reason of every disconnect, in order."""
+    reasons: list[DisconnectReason] = []
 
     class Game(PacketSession):
         def on_disconnected(self, reason):
             reasons.append(reason)
 
+    return Game, reasons
+
+
+def test_a_session_that_sends_nothing_is_closed_at_the_idle_timeout(start_server, raw_peers):
+    Game, reasons = reason_recorder()
     server = start_server(Game, idle_timeout=0.3)
     quiet = raw_peers(server.port)
     talker = raw_peers(server.port)
@@ -286,12 +292,7 @@ def test_a_session_that_sends_nothing_is_closed_at_the_idle_timeout(start_server
 
 def test_a_flooder_over_the_packet_rate_limit_is_cut_and_others_are_not(start_server, raw_peers, caplog):
     caplog.set_level(logging.WARNING, logger="servercore")
-    reasons = []
-
-    class Game(PacketSession):
-        def on_disconnected(self, reason):
-            reasons.append(reason)
-
+    Game, reasons = reason_recorder()
     server = start_server(Game, max_packets_per_second=200)
     polite = raw_peers(server.port)
     flooder = raw_peers(server.port)
