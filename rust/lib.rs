@@ -3,7 +3,7 @@
 //! The data flow, one way each:
 //!
 //! ```text
-//! socket ─ driver task ─> RecvBuffer ─> frame::check ─> Event::Packets ─> EventQueue ─batch─> application thread
+//! socket ─ reactor ─ driver ─> RecvBuffer ─> frame::check ─> Event::Packets ─> EventQueue ─batch─> application thread
 //! application: send / broadcast ─> SendBufferPool (encode once) ─> SendQueue per session ─> driver ─> sendmsg
 //! ```
 //!
@@ -12,7 +12,9 @@
 //! - [`recv_buffer`]: bytes read and not yet consumed; packets leave it without a copy.
 //! - [`send_buffer`]: pooled chunks that packets are encoded into once and shared.
 //! - [`send_queue`]: one session's outgoing packets and its writer-registered flag.
-//! - [`session`]: a connection's handle (send, close) and its driver task.
+//! - [`session`]: a connection's handle (send, close) and its driver.
+//! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
+//! - [`doorbell`]: how another thread tells a reactor a session has work.
 //! - [`coalesce`]: sends made during a batch of callbacks wake each writer once.
 //! - [`registry`]: the open sessions and the broadcast over them.
 //! - [`dispatch`]: events to the application thread, in batches.
@@ -24,7 +26,9 @@
 pub mod coalesce;
 pub mod config;
 pub mod dispatch;
+pub mod doorbell;
 pub mod frame;
+pub mod reactor;
 pub mod reason;
 pub mod recv_buffer;
 pub mod registry;

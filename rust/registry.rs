@@ -3,12 +3,15 @@
 //!
 //! Broadcast holds the lock for the whole fan-out; sessions that arrive or leave
 //! on I/O threads wait for it rather than change the set under it (the lecture's
-//! crash was a session erased from the set that Broadcast was iterating). No
+//! crash was a session erased from the set that Broadcast was iterating). It is a
+//! read-write lock because the kernel's is writer-preferring: an application
+//! that broadcasts in a tight loop would otherwise re-take a plain mutex before
+//! the accept loop ever got it, and starve every new connection. No
 //! application code can run inside a broadcast: a full queue or a closed session
 //! is recorded on that session and reported later, through its own events.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -20,7 +23,7 @@ use crate::session::{SessionHandle, SessionId};
 
 #[derive(Default)]
 pub struct SessionRegistry {
-    state: Mutex<RegistryState>,
+    state: RwLock<RegistryState>,
     emptied: Notify,
 }
 
@@ -43,7 +46,7 @@ pub struct BroadcastOutcome {
 impl SessionRegistry {
     /// Adds a session; refused once the service is stopping.
     pub fn insert(&self, handle: Arc<SessionHandle>) -> bool {
-        let mut state = self.lock();
+        let mut state = self.write();
         if state.closed_with.is_some() {
             return false;
         }
@@ -52,7 +55,7 @@ impl SessionRegistry {
     }
 
     pub fn remove(&self, id: SessionId) {
-        let mut state = self.lock();
+        let mut state = self.write();
         state.sessions.remove(&id);
         if state.sessions.is_empty() {
             drop(state);
@@ -61,11 +64,11 @@ impl SessionRegistry {
     }
 
     pub fn get(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
-        self.lock().sessions.get(&id).cloned()
+        self.read().sessions.get(&id).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().sessions.len()
+        self.read().sessions.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,7 +86,7 @@ impl SessionRegistry {
         unsent_bytes: &AtomicUsize,
     ) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
-        let state = self.lock();
+        let state = self.read();
         let most = state.sessions.len() * packet.len();
         unsent_bytes.fetch_add(most, Ordering::Relaxed);
         for (id, handle) in &state.sessions {
@@ -103,7 +106,7 @@ impl SessionRegistry {
     /// Refuses new sessions from now on and asks every open one to close.
     pub fn close_all(&self, reason: DisconnectReason) {
         let handles: Vec<Arc<SessionHandle>> = {
-            let mut state = self.lock();
+            let mut state = self.write();
             state.closed_with.get_or_insert(reason);
             state.sessions.values().cloned().collect()
         };
@@ -113,7 +116,7 @@ impl SessionRegistry {
     }
 
     pub fn closed_with(&self) -> Option<DisconnectReason> {
-        self.lock().closed_with
+        self.read().closed_with
     }
 
     /// Resolves once no session is left.
@@ -128,7 +131,11 @@ impl SessionRegistry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, RegistryState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn read(&self) -> RwLockReadGuard<'_, RegistryState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, RegistryState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -16,12 +16,10 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 
-use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes};
 
+use crate::doorbell::Doorbell;
 use crate::reason::DisconnectReason;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -51,12 +49,10 @@ enum Writer {
 #[derive(Default)]
 pub struct SendQueue {
     state: Mutex<QueueState>,
-    /// Set, and the driver woken, when the writer role was handed to it, a
-    /// close was requested, or (through the session) the application caught
-    /// up with a paused reader. A flag and a waker, not a `Notify`: the driver
-    /// polls it, and keeps no waiter future alive across its life.
-    woken: AtomicBool,
-    driver: AtomicWaker,
+    /// Rung when the writer role was handed to the driver, a close was
+    /// requested, or (through the session) the application caught up with a
+    /// paused reader.
+    doorbell: Doorbell,
 }
 
 #[derive(Default)]
@@ -73,6 +69,10 @@ struct QueueState {
 }
 
 impl SendQueue {
+    pub fn new(doorbell: Doorbell) -> Self {
+        Self { state: Mutex::default(), doorbell }
+    }
+
     /// Queues `packet` unless that would make more than `max_unsent_bytes`
     /// wait, for the driver to write: if the writer was idle, the driver gets
     /// the role and is woken. One lock per packet, which is what a broadcast
@@ -125,20 +125,19 @@ impl SendQueue {
     }
 
     /// Wakes the driver without changing who writes. A wakeup that comes while
-    /// the driver is busy is kept for its next poll.
+    /// the driver is busy is kept for its next turn.
     pub fn wake_driver(&self) {
-        self.woken.store(true, Ordering::Release);
-        self.driver.wake();
+        self.doorbell.ring();
     }
 
-    /// The driver's side: ready once since the last time it was woken.
-    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Ready(());
-        }
-        // Registered before the flag is read again, so a wakeup in between is not lost.
-        self.driver.register(cx.waker());
-        if self.woken.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+    /// The driver's side: whether it was woken since it last asked.
+    pub fn take_wakeup(&self) -> bool {
+        self.doorbell.answer()
+    }
+
+    /// The driver's reactor took the session in under `key`.
+    pub(crate) fn connect_doorbell(&self, key: u32) {
+        self.doorbell.connect(key);
     }
 
     /// The caller holding the writer role writes what is queued, with `write`
@@ -207,11 +206,6 @@ impl SendQueue {
 
     pub fn unsent_bytes(&self) -> usize {
         self.lock().unsent_bytes
-    }
-
-    /// Resolves when the driver is woken (see [`SendQueue::woken`]).
-    pub async fn woken(&self) {
-        std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }
 
     /// The driver's side: `written` bytes left for the kernel since the last
@@ -419,12 +413,11 @@ mod tests {
         assert_eq!(wire(&queue).1, (0, 0), "nobody writes to a finished session");
     }
 
-    #[tokio::test]
-    async fn a_wakeup_sent_while_nobody_waits_is_kept() {
+    #[test]
+    fn a_wakeup_sent_while_the_driver_is_busy_is_kept() {
         let queue = SendQueue::default();
         queue.push(packet(1), 100);
-        tokio::time::timeout(std::time::Duration::from_secs(1), queue.woken())
-            .await
-            .expect("the push's wakeup was kept for the driver");
+        assert!(queue.take_wakeup(), "the push's wakeup was kept for the driver");
+        assert!(!queue.take_wakeup());
     }
 }

@@ -4,22 +4,24 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 use crate::config::{ServiceConfig, SessionConfig};
 use crate::dispatch::{Event, EventQueue};
+use crate::reactor::Reactors;
 use crate::registry::{BroadcastOutcome, SessionRegistry};
 use crate::send_buffer::SendBufferPool;
-use crate::session::{self, SessionHandle, SessionId};
+use crate::session::{Connection, SessionHandle, SessionId};
 use crate::stats::{ServiceStats, StatsSnapshot};
 
 /// What the runtime's tasks and the application share.
@@ -44,23 +46,27 @@ impl ServiceShared {
         })
     }
 
-    /// Registers a connected socket and starts its driver. A stopping service, or
-    /// one at `max_sessions`, closes it instead.
+    /// Registers a connected socket, announces it and hands it to a reactor. A
+    /// stopping service closes it instead.
     fn start_session(
         self: &Arc<Self>,
-        runtime: &tokio::runtime::Handle,
-        stream: TcpStream,
+        reactors: &Reactors,
+        stream: mio::net::TcpStream,
         peer: SocketAddr,
     ) -> bool {
         if let Err(error) = configure_socket(&stream, &self.config.session) {
             log::debug!(target: "servercore", "{peer}: socket options not applied: {error}");
         }
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let handle = Arc::new(SessionHandle::new(id, peer, stream.as_raw_fd(), self.clone()));
+        let reactor = reactors.next();
+        let handle =
+            Arc::new(SessionHandle::new(id, peer, stream.as_raw_fd(), reactor.doorbell(), self.clone()));
         if !self.registry.insert(handle.clone()) {
             return false;
         }
-        runtime.spawn(session::drive(stream, handle));
+        // Queued before anything the reactor reports for this session.
+        self.events.push(Event::Connected(handle.clone()));
+        reactor.adopt(Connection::new(stream, handle));
         true
     }
 }
@@ -89,6 +95,7 @@ impl ServiceShared {
 /// The part of a server or client that does not depend on which it is.
 pub struct Service {
     shared: Arc<ServiceShared>,
+    reactors: Arc<Reactors>,
     runtime: Option<Runtime>,
     accept_task: Option<JoinHandle<()>>,
 }
@@ -98,9 +105,14 @@ impl Service {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.io_threads.max(1))
             .thread_name(format!("servercore-{role}-io"))
+            // A reactor's poll serves many sessions, so a worker runs few, long
+            // polls: the runtime's own driver (the listening socket, timers) is
+            // looked at after every one, not every 61st.
+            .event_interval(1)
             .enable_all()
             .build()?;
-        Ok(Self { shared: ServiceShared::new(config), runtime: Some(runtime), accept_task: None })
+        let reactors = Arc::new(Reactors::start(runtime.handle(), config.io_threads)?);
+        Ok(Self { shared: ServiceShared::new(config), reactors, runtime: Some(runtime), accept_task: None })
     }
 
     pub fn shared(&self) -> &Arc<ServiceShared> {
@@ -178,10 +190,13 @@ impl Server {
         let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
         let listener = {
             let _entered = runtime.enter();
-            TcpListener::from_std(listener)?
+            let listener = mio::net::TcpListener::from_std(listener);
+            // SAFETY: the listener owns its descriptor and keeps it, unchanged,
+            // until it is dropped with the `AsyncFd`.
+            unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE)? }
         };
-        let shared = service.shared.clone();
-        service.accept_task = Some(runtime.spawn(accept_loop(listener, shared, runtime.clone())));
+        let (shared, reactors) = (service.shared.clone(), service.reactors.clone());
+        service.accept_task = Some(runtime.spawn(accept_loop(listener, shared, reactors)));
         Ok(Self { service, local_addr })
     }
 
@@ -221,7 +236,7 @@ impl Client {
     ) -> io::Result<(Self, ConnectReport)> {
         let service = Service::new(config, "client")?;
         let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
-        let shared = service.shared.clone();
+        let (shared, reactors) = (service.shared.clone(), service.reactors.clone());
         let timeout = shared.config.connect_timeout;
         let report = runtime.block_on(async {
             let mut attempts = tokio::task::JoinSet::new();
@@ -238,10 +253,14 @@ impl Client {
             }
             let mut report = ConnectReport::default();
             while let Some(attempt) = attempts.join_next().await {
-                match attempt.map_err(io::Error::other).and_then(|r| r) {
-                    Ok(stream) => {
-                        let peer = stream.peer_addr().unwrap_or(addr);
-                        if shared.start_session(&runtime, stream, peer) {
+                let connected = attempt.map_err(io::Error::other).and_then(|r| r).and_then(|stream| {
+                    // The reactor registers it again in its own epoll set.
+                    let stream = stream.into_std()?;
+                    Ok((stream.peer_addr().unwrap_or(addr), mio::net::TcpStream::from_std(stream)))
+                });
+                match connected {
+                    Ok((peer, stream)) => {
+                        if shared.start_session(&reactors, stream, peer) {
                             report.connected += 1;
                         }
                     }
@@ -277,26 +296,31 @@ fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-fn configure_socket(stream: &TcpStream, config: &SessionConfig) -> io::Result<()> {
-    stream.set_nodelay(config.nodelay)?;
+fn configure_socket(stream: &impl AsFd, config: &SessionConfig) -> io::Result<()> {
+    let socket = SockRef::from(stream);
+    socket.set_tcp_nodelay(config.nodelay)?;
     if let Some(keepalive) = config.keepalive {
         let params = TcpKeepalive::new()
             .with_time(keepalive.idle)
             .with_interval(keepalive.interval)
             .with_retries(keepalive.retries);
-        let socket = SockRef::from(stream);
         socket.set_tcp_keepalive(&params)?;
         socket.set_tcp_user_timeout(Some(keepalive.user_timeout))?;
     }
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<ServiceShared>, runtime: tokio::runtime::Handle) {
+async fn accept_loop(
+    listener: AsyncFd<mio::net::TcpListener>,
+    shared: Arc<ServiceShared>,
+    reactors: Arc<Reactors>,
+) {
     let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
     let mut rejected = ThrottledLog::new(Duration::from_secs(5));
     let mut backoff = Duration::ZERO;
     loop {
-        match listener.accept().await {
+        // mio's accept: the socket comes non-blocking and is registered only by its reactor.
+        match listener.async_io(tokio::io::Interest::READABLE, |listener| listener.accept()).await {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -309,7 +333,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<ServiceShared>, runtime:
                     drop(stream);
                     continue;
                 }
-                shared.start_session(&runtime, stream, peer);
+                shared.start_session(&reactors, stream, peer);
             }
             Err(error) if is_out_of_resources(&error) => {
                 // The pending connection stays in the backlog; retrying at once
@@ -364,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_get_nodelay_and_short_keepalive_by_default() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         configure_socket(&stream, &SessionConfig::default()).unwrap();

@@ -1,39 +1,35 @@
-//! One connection: its handle, shared with the application, and its driver, the
-//! tokio task that owns the socket.
+//! One connection: its handle, shared with the application, and its driver,
+//! the [`Connection`] that owns the socket inside its reactor.
 //!
-//! The driver is a single task per connection that serves whatever is ready:
-//! the socket is readable (read, check headers, cut packets, queue events), the
-//! socket is writable or the send queue was woken (gathered writes of
-//! everything queued), the application caught up with a paused reader, or a
-//! deadline passed (packet timeout, idle timeout). It never runs
-//! application code and never blocks, so a hostile or stalled peer costs its own
-//! task and nothing else.
+//! The driver serves whatever is ready: the socket is readable (read, check
+//! headers, cut packets, queue events), the socket is writable or the doorbell
+//! rang (gathered writes of everything queued), the application caught up with
+//! a paused reader, or a deadline passed (packet timeout, idle timeout, linger).
+//! It never runs application code and never blocks, so a hostile or stalled
+//! peer costs its own turns and nothing else.
 //!
-//! However the task ends (a returned reason, a shutdown that drops it, a panic),
-//! the send queue is sealed, then the socket is closed, then exactly one
-//! `Disconnected` event is queued: that order is fixed by `Connection`'s drop
-//! and the order of its fields.
+//! However the driver ends (a reason of its own, a shutdown that drops its
+//! reactor, a panic), the send queue is sealed, then the socket is closed, then
+//! exactly one `Disconnected` event is queued: that order is fixed by
+//! `Connection`'s drop and the order of its fields.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use socket2::SockRef;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::coalesce;
 use crate::config::Framing;
 use crate::dispatch::Event;
+use crate::doorbell::Doorbell;
 use crate::frame::FrameError;
 use crate::reason::DisconnectReason;
 use crate::recv_buffer::RecvBuffer;
@@ -55,8 +51,8 @@ impl fmt::Display for SessionId {
 /// much a session has waiting for the application.
 const EVENT_OVERHEAD: usize = 64;
 
-/// Turns a driver serves in one poll before it yields its thread to others.
-const TURNS_PER_POLL: usize = 16;
+/// Turns a session is served in a row before the others get theirs.
+const TURNS_PER_SERVE: usize = 16;
 
 /// Slots of the in-flight queue a session keeps once everything is written.
 const IDLE_IN_FLIGHT_CAPACITY: usize = 16;
@@ -96,13 +92,19 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    pub(crate) fn new(id: SessionId, peer: SocketAddr, fd: RawFd, service: Arc<ServiceShared>) -> Self {
+    pub(crate) fn new(
+        id: SessionId,
+        peer: SocketAddr,
+        fd: RawFd,
+        doorbell: Doorbell,
+        service: Arc<ServiceShared>,
+    ) -> Self {
         let inbound = InboundBacklog::new(service.config.session.max_pending_recv_bytes);
         Self {
             id,
             peer,
             fd,
-            queue: SendQueue::default(),
+            queue: SendQueue::new(doorbell),
             inbound,
             announced: AtomicBool::new(false),
             delivery_stopped: AtomicBool::new(false),
@@ -164,6 +166,11 @@ impl SessionHandle {
     /// session after another.
     pub(crate) fn enqueue_for_driver(&self, packet: Bytes) -> Push {
         self.queue.push(packet, self.service.config.session.max_send_queue_bytes)
+    }
+
+    /// Its reactor took the session in under `key`: rings reach it from now on.
+    pub(crate) fn connect_doorbell(&self, key: u32) {
+        self.queue.connect_doorbell(key);
     }
 
     /// Gives the write this caller owes to the driver.
@@ -262,18 +269,6 @@ impl InboundBacklog {
     }
 }
 
-/// Runs a connection until it closes; then reports it. Spawned once per socket.
-pub(crate) async fn drive(stream: TcpStream, handle: Arc<SessionHandle>) {
-    handle.service.events.push(Event::Connected(handle.clone()));
-    let mut connection = Connection::new(stream, handle);
-    let stop = connection.serve().await;
-    if connection.settle(stop).flushes_queue() {
-        // Boxed: only a closing session pays for the lingering future.
-        Box::pin(connection.linger()).await;
-    }
-    // Dropping the connection closes the socket, then queues `Disconnected`.
-}
-
 /// Why the serve loop stopped, with what a log line needs.
 struct Stop {
     reason: DisconnectReason,
@@ -299,10 +294,37 @@ impl Stop {
     }
 }
 
-struct Connection {
+/// What a session's driver needs next from its reactor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// Nothing more to do until the socket, the doorbell or a deadline says so.
+    Waiting,
+    /// Used its turns with work left (a flood, a stream of sends): serve it
+    /// again after the others.
+    Busy,
+    /// Closed: drop it, which reports the disconnect.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    Open,
+    /// Closed locally: flushing what was queued, then (once the write side is
+    /// shut) waiting for the peer's FIN, until the linger runs out.
+    Lingering {
+        until: Instant,
+        write_shut: bool,
+    },
+}
+
+/// A session's driver: the socket and everything only the I/O side touches.
+/// It lives in its reactor's slab and is served when its socket, its doorbell
+/// or its deadline says so; it never runs application code and never blocks,
+/// so a hostile or stalled peer costs its own turns and nothing else.
+pub(crate) struct Connection {
     // Field order matters: `stream` is dropped, and the socket closed, before
     // `farewell` reports the disconnect.
-    stream: TcpStream,
+    stream: mio::net::TcpStream,
     recv: RecvBuffer,
     /// Packets taken from the send queue and not yet fully written.
     in_flight: VecDeque<Bytes>,
@@ -311,95 +333,142 @@ struct Connection {
     last_received: Instant,
     /// Only with `max_packets_per_second`: boxed, so others do not pay for it.
     rate_window: Option<Box<RateWindow>>,
-    /// Armed at the nearest deadline; none while no deadline applies, which
-    /// keeps the timer's memory off idle sessions.
-    timer: Option<Pin<Box<Sleep>>>,
+    phase: Phase,
+    /// The deadline the reactor holds a timer entry for.
+    armed: Option<Instant>,
+    // Edge-triggered readiness: set by the reactor's events, cleared only when
+    // the socket says it would block.
+    readable: bool,
+    writable: bool,
+    /// The armed deadline passed: check the deadlines on the next turn.
+    deadline_due: bool,
+    /// On the reactor's queue of sessions to serve.
+    listed: bool,
     farewell: Farewell,
 }
 
 impl Connection {
-    fn new(stream: TcpStream, handle: Arc<SessionHandle>) -> Self {
-        let now = Instant::now();
+    pub(crate) fn new(stream: mio::net::TcpStream, handle: Arc<SessionHandle>) -> Self {
         Self {
             stream,
             recv: RecvBuffer::default(),
             in_flight: VecDeque::new(),
             packet_started: None,
-            last_received: now,
+            last_received: Instant::now(),
             rate_window: None,
-            timer: None,
+            phase: Phase::Open,
+            armed: None,
+            readable: false,
+            writable: false,
+            deadline_due: false,
+            listed: false,
             farewell: Farewell { handle, detail: None, sealed: None },
         }
     }
 
-    fn handle(&self) -> &SessionHandle {
+    pub(crate) fn handle(&self) -> &SessionHandle {
         &self.farewell.handle
     }
 
-    /// The loop of a healthy session. Returns why it stopped.
-    ///
-    /// Written as a `poll` rather than a `select!` of futures: readiness is
-    /// asked of the socket (`poll_read_ready`, `poll_write_ready`) and of the
-    /// queue's waker, which keep their wakers themselves, so this future holds
-    /// no waiter nodes. Every idle session pays for what a future holds.
-    async fn serve(&mut self) -> Stop {
-        std::future::poll_fn(|cx| self.poll_serve(cx)).await
+    pub(crate) fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
+        &mut self.stream
     }
 
-    fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<Stop> {
-        for _ in 0..TURNS_PER_POLL {
-            match self.turn(cx) {
-                Err(stop) => return Poll::Ready(stop),
-                // Nothing was ready: every source has our waker.
-                Ok(false) => return Poll::Pending,
-                Ok(true) => {}
+    /// The reactor could not take the socket in: the session ends with this.
+    pub(crate) fn refuse(&mut self, error: &io::Error) {
+        self.settle(Stop::new(DisconnectReason::Reset, format!("not registered for readiness: {error}")));
+    }
+
+    /// An event from the socket: what it says is ready stays ready until a
+    /// read or write would block.
+    pub(crate) fn note_ready(&mut self, readable: bool, writable: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+    }
+
+    /// The reactor's timer entry at `at` came due.
+    pub(crate) fn deadline_passed(&mut self, at: Instant) -> bool {
+        if self.armed != Some(at) {
+            return false;
+        }
+        self.armed = None;
+        self.deadline_due = true;
+        true
+    }
+
+    /// The deadline the reactor should add a timer entry for, if it is nearer
+    /// than the one it holds. A deadline that moved later (more bytes arrived)
+    /// is not chased: the entry fires early and is set again, which costs one
+    /// entry per timeout period, not one per read.
+    pub(crate) fn deadline_to_arm(&mut self) -> Option<Instant> {
+        let next = self.next_deadline()?;
+        if self.armed.is_some_and(|armed| armed <= next) {
+            return None;
+        }
+        self.armed = Some(next);
+        Some(next)
+    }
+
+    /// Marks the session as queued to be served; false if it already was.
+    pub(crate) fn list(&mut self) -> bool {
+        !std::mem::replace(&mut self.listed, true)
+    }
+
+    pub(crate) fn unlist(&mut self) {
+        self.listed = false;
+    }
+
+    /// Serves whatever is ready, up to a number of turns. `scratch` takes the
+    /// bytes a closing session discards.
+    pub(crate) fn serve(&mut self, scratch: &mut [u8]) -> Served {
+        if let Phase::Lingering { .. } = self.phase {
+            return self.serve_lingering(scratch);
+        }
+        match self.serve_open() {
+            Ok(served) => served,
+            Err(stop) => {
+                if !self.settle(stop).flushes_queue() {
+                    return Served::Done;
+                }
+                let until = Instant::now() + self.handle().service.config.session.linger;
+                self.phase = Phase::Lingering { until, write_shut: false };
+                self.serve_lingering(scratch)
             }
         }
-        // Always ready (a flood, or a stream of sends): give the thread to the
-        // other sessions, and come back.
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
-    /// Serves whatever is ready: the queue's wakeup, room to write, bytes to
-    /// read, a deadline. Returns whether anything was.
-    fn turn(&mut self, cx: &mut Context<'_>) -> Result<bool, Stop> {
+    fn serve_open(&mut self) -> Result<Served, Stop> {
+        for _ in 0..TURNS_PER_SERVE {
+            if !self.turn()? {
+                return Ok(Served::Waiting);
+            }
+        }
+        Ok(Served::Busy)
+    }
+
+    /// Serves whatever is ready: the doorbell, room to write, bytes to read, a
+    /// deadline. Returns whether anything was.
+    fn turn(&mut self) -> Result<bool, Stop> {
         if let Some(reason) = self.handle().queue.close_reason() {
             return Err(Stop { reason, detail: None });
         }
         let mut served = false;
-        if self.farewell.handle.queue.poll_woken(cx).is_ready() {
+        if self.handle().queue.take_wakeup() {
             self.flush()?;
             served = true;
         }
-        if !self.in_flight.is_empty() {
-            match self.stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.flush()?;
-                    served = true;
-                }
-                Poll::Ready(Err(error)) => return Err(Stop::io(&error)),
-                Poll::Pending => {}
-            }
+        if self.writable && !self.in_flight.is_empty() {
+            self.flush()?;
+            served = true;
         }
         // A paused reader leaves its bytes in the kernel: TCP pushes back.
-        if !self.handle().inbound.is_full() {
-            match self.stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.read()?;
-                    served = true;
-                }
-                Poll::Ready(Err(error)) => return Err(Stop::io(&error)),
-                Poll::Pending => {}
-            }
+        if self.readable && !self.handle().inbound.is_full() {
+            self.read()?;
+            served = true;
         }
-        self.arm_timer();
-        if let Some(timer) = self.timer.as_mut() {
-            if timer.as_mut().poll(cx).is_ready() {
-                self.timer = None;
-                self.check_deadlines()?;
-                served = true;
-            }
+        if std::mem::take(&mut self.deadline_due) {
+            self.check_deadlines()?;
+            served = true;
         }
         Ok(served)
     }
@@ -410,8 +479,8 @@ impl Connection {
         let mut turn = 0;
         let outcome = loop {
             let want = self.bytes_wanted().max(self.farewell.handle.service.config.session.read_size);
-            let stream = &self.stream;
-            match self.recv.read_with(want, |buf| stream.try_read_buf(buf)) {
+            let socket = SockRef::from(&self.stream);
+            match self.recv.read_with(want, |buf| recv_into(socket, buf)) {
                 Ok(0) => {
                     let detail = match self.recv.len() {
                         0 => None,
@@ -430,7 +499,10 @@ impl Connection {
                         break Ok(());
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    break Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => break Err(Stop::io(&e)),
             }
@@ -551,31 +623,24 @@ impl Connection {
     /// One gathered write of the packets in flight. Returns bytes written and
     /// packets completed.
     fn write_some(&mut self) -> io::Result<(usize, u64)> {
-        let stream = &self.stream;
-        write_gathered(&mut self.in_flight, |slices| {
-            stream.try_io(Interest::WRITABLE, || send_no_signal(SockRef::from(stream), slices))
-        })
+        let socket = SockRef::from(&self.stream);
+        let result = write_gathered(&mut self.in_flight, |slices| send_no_signal(socket, slices));
+        if result.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
+            self.writable = false;
+        }
+        result
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        if let Phase::Lingering { until, .. } = self.phase {
+            return Some(until);
+        }
         let config = &self.farewell.handle.service.config.session;
         let packet = self.packet_started.zip(config.packet_timeout).map(|(at, limit)| at + limit);
         let idle = config.idle_timeout.map(|limit| self.last_received + limit);
         match (packet, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
-    }
-
-    /// Keeps the one timer at the nearest deadline. A deadline that moved later
-    /// (more bytes arrived) is not chased: when the timer fires early it is
-    /// simply set again, which costs one reset per timeout period, not per read.
-    fn arm_timer(&mut self) {
-        match (self.next_deadline(), &mut self.timer) {
-            (None, timer) => *timer = None,
-            (Some(deadline), Some(timer)) if deadline < timer.deadline() => timer.as_mut().reset(deadline),
-            (Some(_), Some(_)) => {}
-            (Some(deadline), timer @ None) => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
     }
 
@@ -630,53 +695,69 @@ impl Connection {
         reason
     }
 
-    /// A local close: flush and part politely, within the linger.
-    async fn linger(&mut self) {
-        let linger = self.farewell.handle.service.config.session.linger;
-        if tokio::time::timeout(linger, self.part()).await.is_err() {
-            let unsent = self.farewell.handle.queue.unsent_bytes();
+    /// A local close: flush what was queued before it, send FIN, and wait for
+    /// the peer's FIN, all within the linger. Closing while the peer's bytes are
+    /// still unread would make the kernel send a reset, which can destroy the
+    /// goodbye the peer has not read yet.
+    fn serve_lingering(&mut self, scratch: &mut [u8]) -> Served {
+        let Phase::Lingering { until, mut write_shut } = self.phase else {
+            unreachable!("only a closing session lingers")
+        };
+        self.deadline_due = false;
+        if Instant::now() >= until {
+            let unsent = self.handle().queue.unsent_bytes();
             if unsent > 0 {
+                let linger = self.handle().service.config.session.linger;
                 self.farewell.detail = Some(
                     format!("linger of {:.1}s expired with {unsent} bytes unsent", linger.as_secs_f64())
                         .into(),
                 );
             }
+            return Served::Done;
         }
-    }
-
-    /// Flushes what was queued before the close, sends FIN, and waits for the
-    /// peer's FIN. Closing while the peer's bytes are still unread would make the
-    /// kernel send a reset, which can destroy the goodbye the peer has not read.
-    async fn part(&mut self) {
-        loop {
-            if self.flush().is_err() {
-                return;
+        for _ in 0..TURNS_PER_SERVE {
+            if !write_shut {
+                self.handle().queue.take_wakeup();
+                if self.flush().is_err() {
+                    return Served::Done;
+                }
+                if !self.in_flight.is_empty() {
+                    if self.writable {
+                        continue;
+                    }
+                    return Served::Waiting;
+                }
+                if SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write).is_err() {
+                    return Served::Done;
+                }
+                write_shut = true;
+                self.phase = Phase::Lingering { until, write_shut };
             }
-            if self.in_flight.is_empty() {
-                break;
+            if !self.readable {
+                return Served::Waiting;
             }
-            if self.stream.ready(Interest::WRITABLE).await.is_err() {
-                return;
-            }
-        }
-        if SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write).is_err() {
-            return;
-        }
-        // On the heap and only now: a buffer in the future itself would be paid
-        // for by every idle session for its whole life.
-        let mut discard = vec![0u8; 4096];
-        loop {
-            if self.stream.readable().await.is_err() {
-                return;
-            }
-            match self.stream.try_read(&mut discard) {
-                Ok(0) => return,
+            match (&self.stream).read(scratch) {
+                Ok(0) => return Served::Done,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return Served::Waiting;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Served::Done,
             }
         }
+        Served::Busy
     }
+}
+
+/// One non-blocking read into the buffer's free space.
+fn recv_into(socket: SockRef<'_>, buf: &mut BytesMut) -> io::Result<usize> {
+    let filled = buf.len();
+    let read = socket.recv(buf.spare_capacity_mut())?;
+    // SAFETY: `recv` initialised the first `read` bytes of the spare capacity.
+    unsafe { buf.set_len(filled + read) };
+    Ok(read)
 }
 
 /// A gathered write that cannot raise SIGPIPE: `sendmsg` with `MSG_NOSIGNAL`,
@@ -768,23 +849,14 @@ impl RateWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ServiceConfig;
-    use std::os::fd::AsRawFd;
 
-    /// Every session's driver future lives as long as the connection: what it
-    /// holds across an await is paid by each of ten thousand idle players.
-    /// Tokio stores it in a task cell of about 104 more bytes, aligned to 128:
-    /// up to 280 bytes the cell is 384.
-    #[tokio::test]
-    async fn an_idle_sessions_driver_is_small() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (stream, peer) = listener.accept().await.unwrap();
-        let service = ServiceShared::new(ServiceConfig::default());
-        let handle = Arc::new(SessionHandle::new(SessionId(1), peer, stream.as_raw_fd(), service));
-        let driver = drive(stream, handle);
-        let size = std::mem::size_of_val(&driver);
-        assert!(size <= 280, "the driver future takes {size} bytes");
-        assert!(std::mem::size_of::<SessionHandle>() <= 256);
+    /// What a session holds lives as long as the connection: it is paid by
+    /// each of ten thousand idle players.
+    #[test]
+    fn an_idle_session_is_small() {
+        let connection = std::mem::size_of::<Connection>();
+        assert!(connection <= 200, "a connection takes {connection} bytes");
+        let handle = std::mem::size_of::<SessionHandle>();
+        assert!(handle <= 192, "a session handle takes {handle} bytes");
     }
 }
