@@ -4,9 +4,9 @@
 //! Broadcast holds the lock for the whole fan-out; sessions that arrive or leave
 //! on I/O threads wait for it rather than change the set under it (the lecture's
 //! crash was a session erased from the set that Broadcast was iterating). It is a
-//! read-write lock because the kernel's is writer-preferring: an application
-//! that broadcasts in a tight loop would otherwise re-take a plain mutex before
-//! the accept loop ever got it, and starve every new connection. No
+//! read-write lock, and std's is writer-preferring on Linux: a session that
+//! arrives or leaves gets the lock at the end of the running broadcast, even
+//! from an application that broadcasts in a tight loop. No
 //! application code can run inside a broadcast: a full queue or a closed session
 //! is recorded on that session and reported later, through its own events.
 
