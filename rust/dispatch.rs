@@ -1,12 +1,14 @@
 //! Events from the I/O threads to the application thread, in batches.
 //!
 //! I/O threads never run application code: they append events to one queue, a
-//! whole read's worth of packets under one lock. The application thread takes
+//! batch under one lock (a read's worth of packets when the consumer is
+//! waiting, a reactor's whole round of sessions when it is busy anyway). The application thread takes
 //! everything queued in one swap and runs the callbacks (in Python: one GIL
-//! acquisition for the whole batch). Each session's events are appended by that
-//! session's own task, so a single queue keeps them in order: `Connected`
+//! acquisition for the whole batch). Each session's events are appended by the
+//! one reactor that serves it, so a single queue keeps them in order: `Connected`
 //! first, packets in arrival order, `Disconnected` last.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,10 @@ impl Event {
 pub struct EventQueue {
     state: Mutex<QueueState>,
     ready: Condvar,
+    /// `QueueState::waiting`, readable without the lock: an I/O thread holds
+    /// its events back while the consumer is busy, and hands them over at once
+    /// when it waits.
+    consumer_waiting: AtomicBool,
 }
 
 #[derive(Default)]
@@ -86,6 +92,7 @@ impl EventQueue {
         let mut state = self.lock();
         while state.events.is_empty() && !state.interrupted {
             state.waiting = true;
+            self.consumer_waiting.store(true, Ordering::Relaxed);
             state = match deadline {
                 None => self.ready.wait(state).unwrap_or_else(|e| e.into_inner()),
                 Some(deadline) => {
@@ -98,6 +105,7 @@ impl EventQueue {
             };
         }
         state.waiting = false;
+        self.consumer_waiting.store(false, Ordering::Relaxed);
         state.interrupted = false;
         let moved = state.events.len();
         if out.is_empty() {
@@ -113,6 +121,7 @@ impl EventQueue {
         let mut state = self.lock();
         state.interrupted = true;
         state.waiting = false;
+        self.consumer_waiting.store(false, Ordering::Relaxed);
         drop(state);
         self.ready.notify_all();
     }
@@ -125,9 +134,16 @@ impl EventQueue {
         self.len() == 0
     }
 
+    /// Whether the consumer is blocked waiting for events (a hint: it may be
+    /// about to return or to wait).
+    pub fn consumer_waiting(&self) -> bool {
+        self.consumer_waiting.load(Ordering::Relaxed)
+    }
+
     fn wake_consumer(&self, mut state: std::sync::MutexGuard<'_, QueueState>) {
         if state.waiting {
             state.waiting = false;
+            self.consumer_waiting.store(false, Ordering::Relaxed);
             drop(state);
             self.ready.notify_one();
         }

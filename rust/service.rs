@@ -111,8 +111,9 @@ impl Service {
             .event_interval(1)
             .enable_all()
             .build()?;
-        let reactors = Arc::new(Reactors::start(runtime.handle(), config.io_threads)?);
-        Ok(Self { shared: ServiceShared::new(config), reactors, runtime: Some(runtime), accept_task: None })
+        let shared = ServiceShared::new(config);
+        let reactors = Arc::new(Reactors::start(runtime.handle(), &shared)?);
+        Ok(Self { shared, reactors, runtime: Some(runtime), accept_task: None })
     }
 
     pub fn shared(&self) -> &Arc<ServiceShared> {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::coalesce;
 use crate::config::Framing;
-use crate::dispatch::Event;
+use crate::dispatch::{Event, EventQueue};
 use crate::doorbell::Doorbell;
 use crate::frame::FrameError;
 use crate::reason::DisconnectReason;
@@ -65,14 +65,22 @@ const WRITE_TURN_BYTES: usize = 256 * 1024;
 const READ_TURN_BYTES: usize = 64 * 1024;
 
 thread_local! {
-    /// Events cut by the drivers running on this thread, queued in one batch at
-    /// the end of each read or write. Per thread, not per session: between two
-    /// reads a session holds no event memory.
+    /// Events cut by the drivers running on this thread, not yet queued for
+    /// the application. Per thread, not per session: between two reads a
+    /// session holds no event memory.
     static BATCH: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
 }
 
 fn push_event(event: Event) {
     BATCH.with_borrow_mut(|batch| batch.push(event));
+}
+
+/// Queues the events this thread's drivers have cut, in one batch. Their
+/// reactor calls this after each session it serves while the application
+/// waits, and after each round otherwise; a session's farewell calls it
+/// before its `Disconnected`, which must come last.
+pub(crate) fn queue_events(events: &EventQueue) {
+    BATCH.with_borrow_mut(|batch| events.push_all(batch));
 }
 
 /// The application's side of a session: send, close, ask.
@@ -473,8 +481,7 @@ impl Connection {
         Ok(served)
     }
 
-    /// Reads what the socket has (up to a turn's worth), cuts it into events and
-    /// queues them in one batch.
+    /// Reads what the socket has (up to a turn's worth) and cuts it into events.
     fn read(&mut self) -> Result<(), Stop> {
         let mut turn = 0;
         let outcome = loop {
@@ -507,7 +514,6 @@ impl Connection {
                 Err(e) => break Err(Stop::io(&e)),
             }
         };
-        self.queue_batch();
         // Packets still on their way to the application keep the memory they
         // came in; an empty buffer need not keep any, which keeps idle sessions small.
         self.recv.release_if_empty();
@@ -571,10 +577,6 @@ impl Connection {
         result
     }
 
-    fn queue_batch(&self) {
-        BATCH.with_borrow_mut(|batch| self.farewell.handle.service.events.push_all(batch));
-    }
-
     /// Writes everything queued, in gathered writes, until the queue is empty or
     /// the socket is full.
     fn flush(&mut self) -> Result<(), Stop> {
@@ -616,7 +618,6 @@ impl Connection {
         stats.send_queue_bytes.fetch_sub(bytes_written, Ordering::Relaxed);
         ServiceStats::add(&stats.bytes_out, bytes_written as u64);
         ServiceStats::add(&stats.packets_out, packets_written);
-        self.queue_batch();
         result
     }
 
@@ -820,6 +821,7 @@ impl Drop for Farewell {
             reason,
             detail
         );
+        queue_events(&service.events);
         service.events.push(Event::Disconnected { session: handle.id, reason });
     }
 }
