@@ -88,7 +88,9 @@ impl Default for SessionConfig {
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
     pub session: SessionConfig,
-    /// Tokio worker threads; defaults to the number of cores.
+    /// I/O threads (tokio workers, one reactor each). Defaults to one less
+    /// than the number of cores, at least one: the application's own thread,
+    /// which runs every callback, is busy too and needs a core of its own.
     pub io_threads: usize,
     /// Connections beyond this are closed as soon as they are accepted.
     pub max_sessions: usize,
@@ -102,7 +104,7 @@ impl Default for ServiceConfig {
     fn default() -> Self {
         Self {
             session: SessionConfig::default(),
-            io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            io_threads: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
             max_sessions: 10_000,
             backlog: 1024,
             connect_timeout: Duration::from_secs(10),
