@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use _core::coalesce::WriteBatch;
@@ -306,5 +307,62 @@ fn sends_inside_a_write_batch_leave_when_the_batch_ends() {
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     for i in 0..32u16 {
         assert_eq!(read_packet(&mut client), (i, b"answer".to_vec()));
+    }
+}
+
+/// A reactor that never runs out of work (a broadcast in a tight loop to peers
+/// that never read, so every serve writes into a full window) still yields to
+/// the runtime often enough for the accept loop: each newcomer is taken in and
+/// reached by the broadcast within a second.
+#[test]
+fn a_reactor_kept_busy_by_a_tight_broadcast_still_takes_in_newcomers() {
+    let mut config = ServiceConfig::default();
+    config.io_threads = 1;
+    let server = Server::listen(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr();
+    let broadcasting = AtomicBool::new(true);
+    let latencies = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut app = App::default();
+            let mut events = Vec::new();
+            let tick = SendBufferPool::global().encode(1, b"tick").unwrap();
+            while broadcasting.load(Ordering::Relaxed) {
+                server.service().broadcast(&tick, None);
+                server.service().wait_events(Some(Duration::ZERO), &mut events);
+                events.drain(..).for_each(|event| app.handle(event));
+            }
+        });
+        let stop_broadcasting = Defer(|| broadcasting.store(false, Ordering::Relaxed));
+        let stalled: Vec<TcpStream> = (0..200)
+            .map(|_| {
+                let stream = TcpStream::connect(addr).unwrap();
+                socket2::SockRef::from(&stream).set_recv_buffer_size(4096).unwrap();
+                stream
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let latencies: Vec<Duration> = (0..10)
+            .map(|_| {
+                let started = Instant::now();
+                let mut newcomer = connect(addr);
+                newcomer.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut first = [0u8; 1];
+                newcomer.read_exact(&mut first).expect("a newcomer got its first broadcast within a second");
+                started.elapsed()
+            })
+            .collect();
+        drop(stop_broadcasting);
+        drop(stalled);
+        latencies
+    });
+    assert!(latencies.iter().all(|l| *l < Duration::from_secs(1)), "{latencies:?}");
+}
+
+/// Runs a closure when dropped: the broadcaster stops even if an assertion fails.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
