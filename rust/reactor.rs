@@ -48,7 +48,6 @@ const ROUNDS_PER_POLL: usize = 16;
 const DISCARD_SIZE: usize = 4096;
 
 /// What other threads hand a reactor.
-#[derive(Default)]
 pub(crate) struct Mailbox {
     rings: Arc<RingList>,
     /// Connections to take in; `None` once the reactor is gone, so that a late
@@ -57,6 +56,10 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
+    fn new() -> Self {
+        Self { rings: Arc::default(), arrivals: Mutex::new(Some(Vec::new())) }
+    }
+
     /// A doorbell for a session this reactor will serve.
     pub(crate) fn doorbell(&self) -> Doorbell {
         Doorbell::new(self.rings.clone())
@@ -65,14 +68,13 @@ impl Mailbox {
     /// Hands a connection to the reactor.
     pub(crate) fn adopt(&self, connection: Connection) {
         let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        match arrivals.as_mut() {
-            Some(arrivals) => arrivals.push(connection),
-            None => {
-                drop(arrivals);
-                drop(connection);
-                return;
-            }
-        }
+        let Some(waiting) = arrivals.as_mut() else {
+            drop(arrivals);
+            // The reactor is gone: dropping the connection closes and reports it.
+            drop(connection);
+            return;
+        };
+        waiting.push(connection);
         drop(arrivals);
         self.rings.wake();
     }
@@ -91,7 +93,7 @@ impl Reactors {
         let count = service.config.io_threads.max(1);
         let mut mailboxes = Vec::with_capacity(count);
         for _ in 0..count {
-            let mailbox = Arc::new(Mailbox { rings: Arc::default(), arrivals: Mutex::new(Some(Vec::new())) });
+            let mailbox = Arc::new(Mailbox::new());
             runtime.spawn(Reactor::new(mailbox.clone(), service.clone())?.run());
             mailboxes.push(mailbox);
         }
@@ -356,5 +358,64 @@ impl Drop for Reactor {
         // ones in the slab; later ones are closed as they arrive.
         let arrivals = self.mailbox.arrivals.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(arrivals);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::config::ServiceConfig;
+    use crate::dispatch::Event;
+    use crate::session::SessionHandle;
+
+    /// An accepted socket, ready for a reactor, and its peer.
+    fn accepted() -> (mio::net::TcpStream, std::net::SocketAddr, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, peer) = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        (mio::net::TcpStream::from_std(stream), peer, client)
+    }
+
+    #[test]
+    fn a_connection_handed_to_a_stopped_reactor_is_closed_and_reported_at_once() {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let service = ServiceShared::new(ServiceConfig::default());
+        let reactors = Reactors::start(runtime.handle(), &service).unwrap();
+        drop(runtime);
+        let (stream, peer, mut client) = accepted();
+        let mailbox = reactors.next();
+        let handle = Arc::new(SessionHandle::new(
+            SessionId(1),
+            peer,
+            stream.as_raw_fd(),
+            mailbox.doorbell(),
+            service.clone(),
+        ));
+        mailbox.adopt(Connection::new(stream, handle));
+        let mut events = Vec::new();
+        service.wait_events(Some(Duration::from_secs(1)), &mut events);
+        assert!(
+            matches!(events.as_slice(), [Event::Disconnected { session: SessionId(1), .. }]),
+            "one Disconnected, at once"
+        );
+        client.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        assert_eq!(std::io::Read::read(&mut client, &mut [0u8; 1]).unwrap(), 0, "the socket is closed");
+    }
+
+    #[test]
+    fn sessions_are_dealt_to_the_reactors_in_turn() {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let config = ServiceConfig { io_threads: 2, ..ServiceConfig::default() };
+        let reactors = Reactors::start(runtime.handle(), &ServiceShared::new(config)).unwrap();
+        let dealt: Vec<*const Mailbox> = (0..4).map(|_| Arc::as_ptr(reactors.next())).collect();
+        assert_ne!(dealt[0], dealt[1]);
+        assert_eq!(dealt[0], dealt[2]);
+        assert_eq!(dealt[1], dealt[3]);
     }
 }
