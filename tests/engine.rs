@@ -316,8 +316,7 @@ fn sends_inside_a_write_batch_leave_when_the_batch_ends() {
 /// reached by the broadcast within a second.
 #[test]
 fn a_reactor_kept_busy_by_a_tight_broadcast_still_takes_in_newcomers() {
-    let mut config = ServiceConfig::default();
-    config.io_threads = 1;
+    let config = ServiceConfig { io_threads: 1, ..ServiceConfig::default() };
     let server = Server::listen(config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr();
     let broadcasting = AtomicBool::new(true);
