@@ -769,7 +769,7 @@ fn send_no_signal(socket: SockRef<'_>, slices: &[IoSlice<'_>]) -> io::Result<usi
 }
 
 /// Reports a connection's end exactly once, when the [`Connection`] is dropped:
-/// after a normal finish, a shutdown that cancels the task, or a panic.
+/// after a normal finish, a shutdown that drops its reactor, or a panic.
 struct Farewell {
     handle: Arc<SessionHandle>,
     detail: Option<Box<str>>,
@@ -779,8 +779,8 @@ struct Farewell {
 
 impl Farewell {
     /// Finishes the send queue: no one writes to the socket after this, so it
-    /// may be closed. Settles the reason (a task cancelled by shutdown has none
-    /// of its own) and releases what was never written.
+    /// may be closed. Settles the reason (a connection dropped by a shutdown
+    /// has none of its own) and releases what was never written.
     fn seal(&mut self) -> DisconnectReason {
         if let Some(reason) = self.sealed {
             return reason;
