@@ -286,12 +286,14 @@ impl Reactor {
     fn take_ready_sockets(&mut self, cx: &mut Context<'_>) -> bool {
         // The epoll set is asked first, not tokio: while the reactor stays busy
         // the runtime polls its own driver only between the reactor's polls,
-        // and sockets need not wait for that.
-        if self.wait_for_events() {
-            self.list_events();
-            return true;
-        }
+        // and sockets need not wait for that. Tokio is asked only when the set
+        // is empty; a readiness it reports is cleared and the set asked again,
+        // so an event between the empty wait and the clear is not lost.
         loop {
+            if self.wait_for_events() {
+                self.list_events();
+                return true;
+            }
             match self.poll.poll_read_ready_mut(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
@@ -299,11 +301,6 @@ impl Reactor {
                     log::error!(target: "servercore", "reactor: waiting for readiness failed: {error}");
                     return false;
                 }
-            }
-            // An event may have come between the empty wait and the clear.
-            if self.wait_for_events() {
-                self.list_events();
-                return true;
             }
         }
     }
