@@ -11,6 +11,9 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
+use crate::send_queue::Push;
 use crate::session::SessionHandle;
 
 /// Up to this many sessions owed at the end of a light batch are written by
@@ -76,9 +79,20 @@ impl Drop for WriteBatch {
     }
 }
 
+/// Queues `packet` on `handle` like [`SessionHandle::send`], but inside a
+/// [`WriteBatch`] the write waits for the end of the batch: one gathered write
+/// per session however many packets the batch's callbacks sent it.
+pub fn send(handle: &Arc<SessionHandle>, packet: Bytes) -> Push {
+    let (outcome, owed) = handle.queue_for_caller(packet);
+    if owed {
+        write_or_defer(handle);
+    }
+    outcome
+}
+
 /// Writes what the caller just queued on `handle` (whose writer was idle):
 /// now, or at the end of the current batch if there is one.
-pub(crate) fn write_or_defer(handle: &Arc<SessionHandle>) {
+fn write_or_defer(handle: &Arc<SessionHandle>) {
     let deferred = OWED.with_borrow_mut(|owed| match owed {
         Some(owed) => {
             owed.push(handle.clone());

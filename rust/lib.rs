@@ -7,17 +7,24 @@
 //! application: send / broadcast ─> SendBufferPool (encode once) ─> SendQueue per session ─> driver ─> sendmsg
 //! ```
 //!
+//! The modules, from the bottom up; each depends only on the ones above it
+//! in this list:
+//!
 //! - [`frame`]: the `[size u16][id u16][payload]` header, checked before anything
 //!   is waited for or allocated.
 //! - [`recv_buffer`]: bytes read and not yet consumed; packets leave it without a copy.
 //! - [`send_buffer`]: pooled chunks that packets are encoded into once and shared.
-//! - [`send_queue`]: one session's outgoing packets and its writer-registered flag.
-//! - [`session`]: a connection's handle (send, close) and its driver.
-//! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
-//! - [`doorbell`]: how another thread tells a reactor a session has work.
+//! - [`reason`], [`config`], [`stats`]: why sessions end, the limits, the counters.
+//! - [`events`]: what crosses to the application, by session id, in batches.
+//! - [`doorbell`], [`send_queue`]: how a session's driver is told of work, and
+//!   one session's outgoing packets with its writer role.
+//! - [`context`]: what every session of a service shares (limits, counters, events).
+//! - [`session`]: a connection's handle: send, close, ask.
 //! - [`coalesce`]: sends made during a batch of callbacks wake each writer once.
+//! - [`connection`]: a connection's driver, which owns the socket.
 //! - [`registry`]: the open sessions and the broadcast over them.
-//! - [`dispatch`]: events to the application thread, in batches.
+//! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
+//! - [`inbox`]: the application's end of the events, and what it owes for each.
 //! - [`service`]: the runtime, the accept loop, the N-session client, shutdown.
 //!
 //! Nothing here knows Python; the PyO3 bindings live in `bindings` behind the
@@ -25,9 +32,12 @@
 
 pub mod coalesce;
 pub mod config;
-pub mod dispatch;
+pub mod connection;
+pub mod context;
 pub mod doorbell;
+pub mod events;
 pub mod frame;
+pub mod inbox;
 pub mod reactor;
 pub mod reason;
 pub mod recv_buffer;
@@ -41,8 +51,9 @@ pub mod stats;
 #[cfg(feature = "python")]
 mod bindings;
 
-pub use config::{Framing, Keepalive, ServiceConfig, SessionConfig};
-pub use dispatch::Event;
+pub use config::{ConfigError, Framing, Keepalive, ServiceConfig, SessionConfig};
+pub use events::{Event, SessionId};
+pub use inbox::{Application, Inbox, Known};
 pub use reason::DisconnectReason;
 pub use service::{Client, ConnectReport, Server, Service};
-pub use session::{SessionHandle, SessionId};
+pub use session::SessionHandle;

@@ -12,6 +12,10 @@
 //!
 //! Other threads reach a reactor through its [`Mailbox`]: connections to take
 //! in, and the doorbells of sessions whose send queue or reader has work.
+//!
+//! A connection leaves the service here, whichever way it ends: the reactor
+//! drops it (which closes the socket and queues its `Disconnected`), then takes
+//! it out of the registry. So an empty registry means every farewell is queued.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -27,9 +31,12 @@ use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::time::{Instant, Sleep};
 
+use crate::connection::{self, Connection, Served};
+use crate::context::SessionContext;
 use crate::doorbell::{Doorbell, RingList};
-use crate::service::ServiceShared;
-use crate::session::{self, Connection, Served, SessionId};
+use crate::reason::DisconnectReason;
+use crate::registry::SessionRegistry;
+use crate::session::SessionId;
 
 /// Readiness events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 1024;
@@ -53,11 +60,12 @@ pub(crate) struct Mailbox {
     /// Connections to take in; `None` once the reactor is gone, so that a late
     /// one is closed (and reported) at once instead of waiting forever.
     arrivals: Mutex<Option<Vec<Connection>>>,
+    registry: Arc<SessionRegistry>,
 }
 
 impl Mailbox {
-    fn new() -> Self {
-        Self { rings: Arc::default(), arrivals: Mutex::new(Some(Vec::new())) }
+    fn new(registry: Arc<SessionRegistry>) -> Self {
+        Self { rings: Arc::default(), arrivals: Mutex::new(Some(Vec::new())), registry }
     }
 
     /// A doorbell for a session this reactor will serve.
@@ -70,8 +78,8 @@ impl Mailbox {
         let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
         let Some(waiting) = arrivals.as_mut() else {
             drop(arrivals);
-            // The reactor is gone: dropping the connection closes and reports it.
-            drop(connection);
+            // The reactor is gone: the connection ends here, and is reported.
+            retire(connection, &self.registry);
             return;
         };
         waiting.push(connection);
@@ -87,14 +95,20 @@ pub(crate) struct Reactors {
 }
 
 impl Reactors {
-    /// Starts one reactor per I/O thread of `service` on `runtime`.
-    pub(crate) fn start(runtime: &tokio::runtime::Handle, service: &Arc<ServiceShared>) -> io::Result<Self> {
+    /// Starts `count` reactors on `runtime` for sessions that share `context`
+    /// and are listed in `registry`.
+    pub(crate) fn start(
+        runtime: &tokio::runtime::Handle,
+        count: usize,
+        context: &Arc<SessionContext>,
+        registry: &Arc<SessionRegistry>,
+    ) -> io::Result<Self> {
         let _entered = runtime.enter();
-        let count = service.config.io_threads.max(1);
+        let count = count.max(1);
         let mut mailboxes = Vec::with_capacity(count);
         for _ in 0..count {
-            let mailbox = Arc::new(Mailbox::new());
-            runtime.spawn(Reactor::new(mailbox.clone(), service.clone())?.run());
+            let mailbox = Arc::new(Mailbox::new(registry.clone()));
+            runtime.spawn(Reactor::new(mailbox.clone(), context.clone(), registry.clone())?.run());
             mailboxes.push(mailbox);
         }
         Ok(Self { mailboxes: mailboxes.into(), next: AtomicUsize::new(0) })
@@ -122,7 +136,8 @@ struct Reactor {
 
 /// The sessions of one reactor and what it owes them.
 struct Sessions {
-    service: Arc<ServiceShared>,
+    context: Arc<SessionContext>,
+    registry: Arc<SessionRegistry>,
     slab: Slab<Box<Connection>>,
     /// One entry per armed deadline; entries whose session moved on are skipped.
     deadlines: BinaryHeap<Reverse<(Instant, usize, SessionId)>>,
@@ -149,8 +164,8 @@ impl Sessions {
     fn serve_listed(&mut self, budget: usize) -> usize {
         let mut served = 0;
         while served < budget {
-            if self.service.events.consumer_waiting() {
-                session::queue_events(&self.service.events);
+            if self.context.events.consumer_waiting() {
+                connection::queue_events(&self.context.events);
             }
             let Some(key) = self.ready.pop_front() else { break };
             let Some(connection) = self.slab.get_mut(key) else { continue };
@@ -163,8 +178,7 @@ impl Sessions {
                     self.ready.push_back(key);
                 }
                 Served::Done => {
-                    // Dropping it closes the socket and reports the disconnect.
-                    drop(self.slab.remove(key));
+                    retire(*self.slab.remove(key), &self.registry);
                     continue;
                 }
             }
@@ -172,7 +186,7 @@ impl Sessions {
                 self.deadlines.push(Reverse((at, key, connection.handle().id())));
             }
         }
-        session::queue_events(&self.service.events);
+        connection::queue_events(&self.context.events);
         served
     }
 
@@ -192,7 +206,11 @@ impl Sessions {
 }
 
 impl Reactor {
-    fn new(mailbox: Arc<Mailbox>, service: Arc<ServiceShared>) -> io::Result<Self> {
+    fn new(
+        mailbox: Arc<Mailbox>,
+        context: Arc<SessionContext>,
+        registry: Arc<SessionRegistry>,
+    ) -> io::Result<Self> {
         // SAFETY: a `mio::Poll` owns its epoll descriptor and keeps it, unchanged,
         // until it is dropped with the `AsyncFd`.
         let poll =
@@ -202,7 +220,8 @@ impl Reactor {
             poll,
             events: Events::with_capacity(EVENTS_PER_WAIT),
             sessions: Sessions {
-                service,
+                context,
+                registry,
                 slab: Slab::new(),
                 deadlines: BinaryHeap::new(),
                 ready: VecDeque::new(),
@@ -264,6 +283,7 @@ impl Reactor {
             );
             if let Err(error) = registered {
                 connection.refuse(&error);
+                retire(connection, &self.sessions.registry);
                 continue;
             }
             let key32 = u32::try_from(key).expect("fewer than 2^32 sessions per reactor");
@@ -350,12 +370,29 @@ impl Reactor {
 }
 
 impl Drop for Reactor {
+    /// The runtime is shutting down (or the reactor panicked): every session
+    /// it serves or was handed ends here, with the service's stop reason if it
+    /// is stopping. Connections handed over later end as they arrive.
     fn drop(&mut self) {
-        // Connections still in the mailbox are closed and reported like the
-        // ones in the slab; later ones are closed as they arrive.
+        let registry = &self.sessions.registry;
+        let fallback = registry.closed_with().unwrap_or(DisconnectReason::Reset);
         let arrivals = self.mailbox.arrivals.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(arrivals);
+        let slab = std::mem::take(&mut self.sessions.slab);
+        for mut connection in slab.into_iter().map(|(_, boxed)| *boxed).chain(arrivals.into_iter().flatten())
+        {
+            connection.seal(fallback);
+            retire(connection, registry);
+        }
+        connection::queue_events(&self.sessions.context.events);
     }
+}
+
+/// Ends a connection: dropping it closes the socket and queues its
+/// `Disconnected`; then it leaves the registry.
+fn retire(connection: Connection, registry: &SessionRegistry) {
+    let id = connection.handle().id();
+    drop(connection);
+    registry.remove(id);
 }
 
 #[cfg(test)]
@@ -364,9 +401,13 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
-    use crate::config::ServiceConfig;
-    use crate::dispatch::Event;
+    use crate::config::SessionConfig;
+    use crate::events::Event;
     use crate::session::SessionHandle;
+
+    fn context() -> Arc<SessionContext> {
+        Arc::new(SessionContext::new(SessionConfig::default()))
+    }
 
     /// An accepted socket, ready for a reactor, and its peer.
     fn accepted() -> (mio::net::TcpStream, std::net::SocketAddr, TcpStream) {
@@ -381,8 +422,8 @@ mod tests {
     fn a_connection_handed_to_a_stopped_reactor_is_closed_and_reported_at_once() {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let service = ServiceShared::new(ServiceConfig::default());
-        let reactors = Reactors::start(runtime.handle(), &service).unwrap();
+        let (context, registry) = (context(), Arc::new(SessionRegistry::default()));
+        let reactors = Reactors::start(runtime.handle(), 1, &context, &registry).unwrap();
         drop(runtime);
         let (stream, peer, mut client) = accepted();
         let mailbox = reactors.next();
@@ -391,25 +432,27 @@ mod tests {
             peer,
             stream.as_raw_fd(),
             mailbox.doorbell(),
-            service.clone(),
+            context.clone(),
         ));
+        assert!(registry.insert(handle.clone()));
         mailbox.adopt(Connection::new(stream, handle));
         let mut events = Vec::new();
-        service.wait_events(Some(Duration::from_secs(1)), &mut events);
+        context.events.wait(Some(Duration::from_secs(1)), &mut events);
         assert!(
             matches!(events.as_slice(), [Event::Disconnected { session: SessionId(1), .. }]),
             "one Disconnected, at once"
         );
         client.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         assert_eq!(std::io::Read::read(&mut client, &mut [0u8; 1]).unwrap(), 0, "the socket is closed");
+        assert!(registry.is_empty(), "and the session left the registry");
     }
 
     #[test]
     fn sessions_are_dealt_to_the_reactors_in_turn() {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let config = ServiceConfig { io_threads: 2, ..ServiceConfig::default() };
-        let reactors = Reactors::start(runtime.handle(), &ServiceShared::new(config)).unwrap();
+        let registry = Arc::new(SessionRegistry::default());
+        let reactors = Reactors::start(runtime.handle(), 2, &context(), &registry).unwrap();
         let dealt: Vec<*const Mailbox> = (0..4).map(|_| Arc::as_ptr(reactors.next())).collect();
         assert_ne!(dealt[0], dealt[1]);
         assert_eq!(dealt[0], dealt[2]);

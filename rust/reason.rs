@@ -76,10 +76,17 @@ impl DisconnectReason {
         }
     }
 
-    /// Closes that flush what was queued before closing (bounded by the linger).
-    /// The others are faults or attacks: waiting on that peer buys nothing.
+    /// Closes that flush what was queued before closing (bounded by the linger):
+    /// the local ones, and a peer that finished sending but may still read (a
+    /// TCP half-close). The others are faults or attacks: waiting on that peer
+    /// buys nothing.
     pub fn flushes_queue(self) -> bool {
-        matches!(self, DisconnectReason::ClosedLocally | DisconnectReason::ServerShutdown)
+        matches!(
+            self,
+            DisconnectReason::ClosedLocally
+                | DisconnectReason::ServerShutdown
+                | DisconnectReason::ClosedByPeer
+        )
     }
 
     /// Reasons that say something is wrong with the peer or the game code, logged
@@ -117,8 +124,15 @@ mod tests {
     }
 
     #[test]
-    fn only_local_closes_flush() {
+    fn polite_closes_flush_and_faults_do_not() {
         let flushing: Vec<_> = DisconnectReason::ALL.into_iter().filter(|r| r.flushes_queue()).collect();
-        assert_eq!(flushing, [DisconnectReason::ClosedLocally, DisconnectReason::ServerShutdown]);
+        assert_eq!(
+            flushing,
+            [
+                DisconnectReason::ClosedByPeer,
+                DisconnectReason::ClosedLocally,
+                DisconnectReason::ServerShutdown
+            ]
+        );
     }
 }

@@ -110,6 +110,12 @@ impl SendBufferPool {
         }))
     }
 
+    /// Copies raw bytes (no header: a raw session's stream) into pooled memory
+    /// once; the result can be queued on any number of sessions.
+    pub fn copy(&self, data: &[u8]) -> Bytes {
+        self.write(data.len(), |out| out.put_slice(data))
+    }
+
     /// The lecture's `Open(size)` / `Close(size)`: `fill` writes exactly `len`
     /// bytes into pooled memory, which comes back as one shared `Bytes`.
     ///

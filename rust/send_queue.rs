@@ -144,8 +144,15 @@ impl SendQueue {
     /// (a non-blocking gathered write), under the queue's lock so that the
     /// driver cannot close the socket meanwhile. What the socket does not take
     /// (it is full, or failed) stays queued and the role goes to the driver,
-    /// which is woken for it. Returns bytes and packets written.
-    pub fn write_now(&self, mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>) -> (usize, u64) {
+    /// which is woken for it. `written(bytes, packets)` is told what was
+    /// written, still under the lock, so that whatever it reports comes before
+    /// anything the driver reports after it finishes the queue. Returns bytes
+    /// and packets written.
+    pub fn write_now(
+        &self,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+        written: impl FnOnce(usize, u64),
+    ) -> (usize, u64) {
         let mut state = self.lock();
         // A close may have taken the role over since (it flushes what was queued).
         if state.writer != Writer::Caller || state.finished {
@@ -166,6 +173,9 @@ impl SendQueue {
         state.unsent_bytes -= bytes;
         let done = state.queued.is_empty();
         state.writer = if done { Writer::Idle } else { Writer::Driver };
+        if bytes > 0 {
+            written(bytes, packets);
+        }
         drop(state);
         if !done {
             self.wake_driver();
@@ -286,10 +296,15 @@ mod tests {
 
     fn wire(queue: &SendQueue) -> (Vec<u8>, (usize, u64)) {
         let mut wire = Vec::new();
-        let outcome = queue.write_now(|slices| {
-            slices.iter().for_each(|s| wire.extend_from_slice(s));
-            Ok(slices.iter().map(|s| s.len()).sum())
-        });
+        let mut told = None;
+        let outcome = queue.write_now(
+            |slices| {
+                slices.iter().for_each(|s| wire.extend_from_slice(s));
+                Ok(slices.iter().map(|s| s.len()).sum())
+            },
+            |bytes, packets| told = Some((bytes, packets)),
+        );
+        assert_eq!(told.unwrap_or((0, 0)), outcome, "told what was written, nothing if nothing was");
         (wire, outcome)
     }
 
@@ -339,10 +354,13 @@ mod tests {
         let queue = SendQueue::default();
         queue.push_quietly(Bytes::from_static(b"abcdef"), 100);
         let mut calls = 0;
-        let outcome = queue.write_now(|_| {
-            calls += 1;
-            if calls == 1 { Ok(2) } else { Err(io::ErrorKind::WouldBlock.into()) }
-        });
+        let outcome = queue.write_now(
+            |_| {
+                calls += 1;
+                if calls == 1 { Ok(2) } else { Err(io::ErrorKind::WouldBlock.into()) }
+            },
+            |_, _| {},
+        );
         assert_eq!(outcome, (2, 0));
         assert_eq!(queue.unsent_bytes(), 4);
         assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, false), "the driver writes now");

@@ -17,30 +17,33 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 use crate::config::{ServiceConfig, SessionConfig};
-use crate::dispatch::{Event, EventQueue};
+use crate::connection::Connection;
+use crate::context::SessionContext;
+use crate::events::Event;
+use crate::inbox::Inbox;
 use crate::reactor::Reactors;
+use crate::reason::DisconnectReason;
 use crate::registry::{BroadcastOutcome, SessionRegistry};
 use crate::send_buffer::SendBufferPool;
-use crate::session::{Connection, SessionHandle, SessionId};
+use crate::session::{SessionHandle, SessionId};
 use crate::stats::{ServiceStats, StatsSnapshot};
 
 /// What the runtime's tasks and the application share.
 pub struct ServiceShared {
     pub config: ServiceConfig,
-    pub stats: ServiceStats,
-    pub events: EventQueue,
-    pub registry: SessionRegistry,
+    /// What every session shares: its limits, the counters, the event queue.
+    pub context: Arc<SessionContext>,
+    pub registry: Arc<SessionRegistry>,
     pub pool: &'static SendBufferPool,
     next_id: AtomicU64,
 }
 
 impl ServiceShared {
-    pub(crate) fn new(config: ServiceConfig) -> Arc<Self> {
+    fn new(config: ServiceConfig) -> Arc<Self> {
         Arc::new(ServiceShared {
+            context: Arc::new(SessionContext::new(config.session.clone())),
             config,
-            stats: ServiceStats::default(),
-            events: EventQueue::default(),
-            registry: SessionRegistry::default(),
+            registry: Arc::default(),
             pool: SendBufferPool::global(),
             next_id: AtomicU64::new(1),
         })
@@ -59,36 +62,50 @@ impl ServiceShared {
         }
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let reactor = reactors.next();
-        let handle =
-            Arc::new(SessionHandle::new(id, peer, stream.as_raw_fd(), reactor.doorbell(), self.clone()));
+        let handle = Arc::new(SessionHandle::new(
+            id,
+            peer,
+            stream.as_raw_fd(),
+            reactor.doorbell(),
+            self.context.clone(),
+        ));
         if !self.registry.insert(handle.clone()) {
             return false;
         }
         // Queued before anything the reactor reports for this session.
-        self.events.push(Event::Connected(handle.clone()));
+        self.context.events.push(Event::Connected { session: id });
         reactor.adopt(Connection::new(stream, handle));
         true
     }
-}
 
-impl ServiceShared {
+    /// The application's end of the event queue, keeping `T` per session.
+    pub fn inbox<T>(&self) -> Inbox<T> {
+        Inbox::new(self.registry.clone(), self.context.clone())
+    }
+
     /// Queues one encoded packet on every announced session (but `exclude`).
     pub fn broadcast(&self, packet: &Bytes, exclude: Option<SessionId>) -> BroadcastOutcome {
-        self.registry.broadcast(packet, exclude, &self.stats.send_queue_bytes)
+        self.registry.broadcast(packet, exclude, &self.context.stats.send_queue_bytes)
     }
 
     /// Waits up to `timeout` for events and appends them to `out`.
     pub fn wait_events(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
-        self.events.wait(timeout, out)
+        self.context.events.wait(timeout, out)
+    }
+
+    /// Ends the application's current (or next) wait for events at once.
+    pub fn interrupt_wait(&self) {
+        self.context.events.interrupt();
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot(self.registry.len(), self.events.len(), self.pool.stats())
+        let context = &self.context;
+        context.stats.snapshot(self.registry.len(), context.events.len(), self.pool.stats())
     }
 
     /// Counts received packets dropped because the application had closed their session.
     pub fn count_discarded(&self, packets: u64) {
-        ServiceStats::add(&self.stats.packets_discarded, packets);
+        ServiceStats::add(&self.context.stats.packets_discarded, packets);
     }
 }
 
@@ -102,8 +119,9 @@ pub struct Service {
 
 impl Service {
     fn new(config: ServiceConfig, role: &str) -> io::Result<Self> {
+        config.validate().map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.io_threads.max(1))
+            .worker_threads(config.io_threads)
             .thread_name(format!("servercore-{role}-io"))
             // A reactor's poll serves many sessions, so a worker runs few, long
             // polls: the runtime's own driver (the listening socket, timers) is
@@ -112,7 +130,12 @@ impl Service {
             .enable_all()
             .build()?;
         let shared = ServiceShared::new(config);
-        let reactors = Arc::new(Reactors::start(runtime.handle(), &shared)?);
+        let reactors = Arc::new(Reactors::start(
+            runtime.handle(),
+            shared.config.io_threads,
+            &shared.context,
+            &shared.registry,
+        )?);
         Ok(Self { shared, reactors, runtime: Some(runtime), accept_task: None })
     }
 
@@ -145,9 +168,10 @@ impl Service {
     }
 
     /// Stops the service: no new sessions; every open one is closed with
-    /// `reason` (flushing, bounded by the linger); waits until each has reported
-    /// its `Disconnected` event; then ends the I/O threads. Idempotent.
-    pub fn shutdown(&mut self, reason: crate::reason::DisconnectReason) {
+    /// `reason` (flushing, bounded by the linger); waits until each has queued
+    /// its `Disconnected` event; then ends the I/O threads. Blocks for up to the
+    /// linger and a second more. Idempotent.
+    pub fn shutdown(&mut self, reason: DisconnectReason) {
         let Some(runtime) = self.runtime.take() else { return };
         if let Some(accept) = self.accept_task.take() {
             accept.abort();
@@ -171,8 +195,10 @@ impl Service {
 }
 
 impl Drop for Service {
+    /// A service dropped while running shuts down first, which blocks for up
+    /// to the linger: call [`Service::shutdown`] where that matters.
     fn drop(&mut self) {
-        self.shutdown(crate::reason::DisconnectReason::ServerShutdown);
+        self.shutdown(DisconnectReason::ServerShutdown);
     }
 }
 
@@ -273,8 +299,9 @@ impl Client {
             }
             report
         });
-        ServiceStats::add(&service.shared.stats.connected, report.connected as u64);
-        ServiceStats::add(&service.shared.stats.connect_failed, report.failed as u64);
+        let stats = &service.shared.context.stats;
+        ServiceStats::add(&stats.connected, report.connected as u64);
+        ServiceStats::add(&stats.connect_failed, report.failed as u64);
         Ok((Self { service }, report))
     }
 
@@ -324,10 +351,10 @@ async fn accept_loop(
         match listener.async_io(tokio::io::Interest::READABLE, |listener| listener.accept()).await {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
-                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.context.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let max_sessions = shared.config.max_sessions;
                 if shared.registry.len() >= max_sessions {
-                    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    shared.context.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     rejected.warn(|suppressed| {
                         format!("{peer}: refused, max_sessions {max_sessions} reached{suppressed}")
                     });

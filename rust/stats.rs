@@ -22,6 +22,8 @@ pub struct ServiceStats {
     pub pending_recv_bytes: AtomicUsize,
     /// Packets that arrived after the application closed their session.
     pub packets_discarded: AtomicU64,
+    /// Queued bytes never written because their session ended first.
+    pub unsent_bytes_dropped: AtomicU64,
     disconnects: [AtomicU64; DisconnectReason::ALL.len()],
 }
 
@@ -51,6 +53,7 @@ impl ServiceStats {
             pending_recv_bytes: self.pending_recv_bytes.load(Relaxed),
             pending_events,
             packets_discarded: self.packets_discarded.load(Relaxed),
+            unsent_bytes_dropped: self.unsent_bytes_dropped.load(Relaxed),
             disconnects: DisconnectReason::ALL
                 .map(|reason| (reason, self.disconnects[usize::from(reason.code() - 1)].load(Relaxed))),
             pool,
@@ -75,6 +78,7 @@ pub struct StatsSnapshot {
     pub pending_recv_bytes: usize,
     pub pending_events: usize,
     pub packets_discarded: u64,
+    pub unsent_bytes_dropped: u64,
     pub disconnects: [(DisconnectReason, u64); DisconnectReason::ALL.len()],
     pub pool: PoolStats,
 }
@@ -82,5 +86,31 @@ pub struct StatsSnapshot {
 impl StatsSnapshot {
     pub fn disconnects(&self, reason: DisconnectReason) -> u64 {
         self.disconnects[usize::from(reason.code() - 1)].1
+    }
+
+    /// Every figure but the disconnects, by the name applications see it
+    /// under (Python's `stats()` keys, the README's table).
+    pub fn figures(&self) -> [(&'static str, u64); 19] {
+        [
+            ("sessions", self.sessions as u64),
+            ("accepted", self.accepted),
+            ("rejected", self.rejected),
+            ("connected", self.connected),
+            ("connect_failed", self.connect_failed),
+            ("packets_in", self.packets_in),
+            ("bytes_in", self.bytes_in),
+            ("packets_out", self.packets_out),
+            ("bytes_out", self.bytes_out),
+            ("send_queue_bytes", self.send_queue_bytes as u64),
+            ("pending_recv_bytes", self.pending_recv_bytes as u64),
+            ("pending_events", self.pending_events as u64),
+            ("packets_discarded", self.packets_discarded),
+            ("unsent_bytes_dropped", self.unsent_bytes_dropped),
+            ("pool_chunk_size", self.pool.chunk_size as u64),
+            ("pool_chunks", self.pool.chunks as u64),
+            ("pool_chunks_in_use", self.pool.chunks_in_use as u64),
+            ("pool_buffers_encoded", self.pool.buffers_encoded),
+            ("pool_bytes_encoded", self.pool.bytes_encoded),
+        ]
     }
 }

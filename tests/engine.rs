@@ -1,29 +1,61 @@
 //! The engine without Python: a `Server` driven by a plain Rust event loop,
 //! talked to by blocking `std` sockets over loopback.
 
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use _core::coalesce::WriteBatch;
+use _core::coalesce::{self, WriteBatch};
+use _core::frame::PacketRun;
 use _core::send_buffer::SendBufferPool;
-use _core::{DisconnectReason, Event, Server, ServiceConfig, SessionHandle, SessionId};
+use _core::{
+    Application, DisconnectReason, Event, Inbox, Known, Server, ServiceConfig, SessionHandle, SessionId,
+};
 
-/// What the application side of a test saw, per session.
+/// What the application side of a test saw.
 #[derive(Default)]
-struct App {
-    sessions: HashMap<SessionId, Arc<SessionHandle>>,
+struct Seen {
     packets: Vec<(SessionId, u16, Vec<u8>)>,
     disconnected: Vec<(SessionId, DisconnectReason)>,
     echo: bool,
 }
 
+impl Application for Seen {
+    type Session = ();
+
+    fn connected(&mut self, _handle: &Arc<SessionHandle>) {}
+
+    fn packets(&mut self, session: &mut Known<()>, packets: &PacketRun) {
+        for (packet_id, payload) in packets {
+            if self.echo {
+                session.handle.send(SendBufferPool::global().encode(packet_id, payload).unwrap());
+            }
+            self.packets.push((session.handle.id(), packet_id, payload.to_vec()));
+        }
+    }
+
+    fn disconnected(&mut self, session: Known<()>, reason: DisconnectReason) {
+        self.disconnected.push((session.handle.id(), reason));
+    }
+}
+
+/// A test's application: the engine's inbox and what it saw.
+struct App {
+    inbox: Inbox<()>,
+    seen: Seen,
+}
+
 impl App {
-    fn echoing() -> Self {
-        Self { echo: true, ..Self::default() }
+    fn new(server: &Server) -> Self {
+        Self { inbox: server.service().shared().inbox(), seen: Seen::default() }
+    }
+
+    fn echoing(server: &Server) -> Self {
+        let mut app = Self::new(server);
+        app.seen.echo = true;
+        app
     }
 
     /// Handles events until `done(self)` or the timeout; returns whether `done` held.
@@ -43,32 +75,29 @@ impl App {
     }
 
     fn handle(&mut self, event: Event) {
-        match event {
-            Event::Connected(handle) => {
-                handle.mark_announced();
-                self.sessions.insert(handle.id(), handle);
-            }
-            Event::Packets { session, packets } => {
-                let handle = &self.sessions[&session];
-                for (packet_id, payload) in &packets {
-                    if self.echo {
-                        handle.send(SendBufferPool::global().encode(packet_id, payload).unwrap());
-                    }
-                    self.packets.push((session, packet_id, payload.to_vec()));
-                }
-                handle.release_received(packets.byte_len(), 1);
-            }
-            Event::Received { .. } | Event::Sent { .. } => {}
-            Event::Disconnected { session, reason } => {
-                self.sessions.remove(&session);
-                self.disconnected.push((session, reason));
-            }
-        }
+        self.inbox.deliver(event, &mut self.seen);
+    }
+
+    fn sessions(&self) -> usize {
+        self.inbox.len()
+    }
+
+    fn packets(&self) -> &[(SessionId, u16, Vec<u8>)] {
+        &self.seen.packets
+    }
+
+    fn disconnected(&self) -> &[(SessionId, DisconnectReason)] {
+        &self.seen.disconnected
+    }
+
+    fn only_handle(&self) -> Arc<SessionHandle> {
+        assert_eq!(self.inbox.len(), 1);
+        self.inbox.iter().next().unwrap().1.handle.clone()
     }
 
     fn reason_of_only_disconnect(&self) -> DisconnectReason {
-        assert_eq!(self.disconnected.len(), 1, "{:?}", self.disconnected);
-        self.disconnected[0].1
+        assert_eq!(self.seen.disconnected.len(), 1, "{:?}", self.seen.disconnected);
+        self.seen.disconnected[0].1
     }
 }
 
@@ -119,15 +148,15 @@ const FEW_SECONDS: Duration = Duration::from_secs(5);
 #[test]
 fn packets_are_delivered_whole_and_in_order_however_they_are_split() {
     let server = listen(ServiceConfig::default());
-    let mut app = App::echoing();
+    let mut app = App::echoing(&server);
     let mut client = connect(server.local_addr());
     let stream: Vec<u8> =
         (0..50u16).flat_map(|i| packet(i, &i.to_le_bytes().repeat(usize::from(i)))).collect();
     for piece in stream.chunks(7) {
         client.write_all(piece).unwrap();
     }
-    assert!(app.pump(&server, FEW_SECONDS, |app| app.packets.len() == 50));
-    for (i, (_, id, payload)) in app.packets.iter().enumerate() {
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.packets().len() == 50));
+    for (i, (_, id, payload)) in app.packets().iter().enumerate() {
         assert_eq!(usize::from(*id), i);
         assert_eq!(payload.len(), 2 * i);
     }
@@ -139,15 +168,16 @@ fn packets_are_delivered_whole_and_in_order_however_they_are_split() {
 #[test]
 fn a_lying_header_closes_only_its_own_session() {
     let server = listen(ServiceConfig::default());
-    let mut app = App::echoing();
+    let mut app = App::echoing(&server);
     let mut honest = connect(server.local_addr());
     let mut liar = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 2));
     liar.write_all(&[2, 0, 1, 0]).unwrap();
     assert!(closed_by_server(&mut liar));
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::InvalidHeader);
     honest.write_all(&packet(9, b"still here")).unwrap();
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.packets.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.packets().is_empty()));
     assert_eq!(read_packet(&mut honest), (9, b"still here".to_vec()));
     assert_eq!(server.service().stats().disconnects(DisconnectReason::InvalidHeader), 1);
 }
@@ -157,12 +187,13 @@ fn a_header_over_the_limit_is_refused_before_its_payload_arrives() {
     let mut config = ServiceConfig::default();
     config.session.frame_limits.max_packet_size = 100;
     let server = listen(config);
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut liar = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
     liar.write_all(&101u16.to_le_bytes()).unwrap();
     liar.write_all(&1u16.to_le_bytes()).unwrap();
     assert!(closed_by_server(&mut liar), "closed without waiting for 97 payload bytes");
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::PacketTooLarge);
 }
 
@@ -171,8 +202,9 @@ fn a_dribbled_packet_times_out_from_its_first_byte() {
     let mut config = ServiceConfig::default();
     config.session.packet_timeout = Some(Duration::from_millis(300));
     let server = listen(config);
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut slow = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
     let started = Instant::now();
     // One byte of a 100-byte packet every 50 ms: every byte is "progress", but
     // the deadline runs from the first one.
@@ -183,7 +215,7 @@ fn a_dribbled_packet_times_out_from_its_first_byte() {
             break;
         }
     }
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     let elapsed = started.elapsed();
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::PacketTimeout);
     assert!(elapsed < Duration::from_millis(900), "closed after {elapsed:?}");
@@ -194,20 +226,79 @@ fn a_silent_session_is_closed_at_the_idle_timeout() {
     let mut config = ServiceConfig::default();
     config.session.idle_timeout = Some(Duration::from_millis(200));
     let server = listen(config);
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut quiet = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
     assert!(closed_by_server(&mut quiet));
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::IdleTimeout);
+}
+
+#[test]
+fn a_connection_closed_before_the_application_looked_is_never_announced() {
+    let server = listen(ServiceConfig::default());
+    let mut liar = connect(server.local_addr());
+    liar.write_all(&[0, 0, 1, 0]).unwrap();
+    assert!(closed_by_server(&mut liar));
+    let deadline = Instant::now() + FEW_SECONDS;
+    while server.service().stats().sessions > 0 {
+        assert!(Instant::now() < deadline, "the liar's session never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut app = App::new(&server);
+    assert!(!app.pump(&server, Duration::from_millis(200), |app| app.sessions() > 0));
+    assert!(app.disconnected().is_empty(), "neither Connected nor Disconnected reach the application");
+    let stats = server.service().stats();
+    assert_eq!(stats.disconnects(DisconnectReason::InvalidHeader), 1, "it is counted all the same");
+    assert_eq!(stats.pending_recv_bytes, 0);
+}
+
+#[test]
+fn a_half_closed_peer_gets_its_answers_before_the_session_closes() {
+    let server = listen(ServiceConfig::default());
+    let mut app = App::echoing(&server);
+    let mut client = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
+    client.write_all(&[packet(1, b"one"), packet(2, b"two")].concat()).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
+    assert_eq!(read_packet(&mut client), (1, b"one".to_vec()));
+    assert_eq!(read_packet(&mut client), (2, b"two".to_vec()));
+    assert!(closed_by_server(&mut client));
+    assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::ClosedByPeer);
+}
+
+#[test]
+fn deadlines_stand_still_while_the_application_is_behind() {
+    let mut config = ServiceConfig::default();
+    config.session.packet_timeout = Some(Duration::from_millis(200));
+    config.session.idle_timeout = Some(Duration::from_millis(300));
+    config.session.max_pending_recv_bytes = 4096;
+    let server = listen(config);
+    let mut app = App::new(&server);
+    let mut client = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
+    // Far more than the backlog takes, and the start of one more packet.
+    let burst: Vec<u8> = (0..64).flat_map(|_| packet(1, &[9u8; 1000])).chain([200, 0]).collect();
+    client.write_all(&burst).unwrap();
+    // The application looks away for longer than both timeouts.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.packets().len() == 64));
+    assert!(app.disconnected().is_empty(), "{:?}", app.disconnected());
+    // Once everything is handled, the peer's clocks run again: the started
+    // packet times out.
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
+    assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::PacketTimeout);
 }
 
 #[test]
 fn a_local_close_delivers_what_was_queued_before_it() {
     let server = listen(ServiceConfig::default());
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut client = connect(server.local_addr());
-    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions.len() == 1));
-    let handle = app.sessions.values().next().unwrap().clone();
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
+    let handle = app.only_handle();
     for i in 0..100u16 {
         handle.send(SendBufferPool::global().encode(i, &[7u8; 1000]).unwrap());
     }
@@ -218,7 +309,7 @@ fn a_local_close_delivers_what_was_queued_before_it() {
     }
     assert!(closed_by_server(&mut client));
     drop(client);
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::ClosedLocally);
 }
 
@@ -227,17 +318,17 @@ fn a_peer_that_never_reads_is_cut_at_the_send_queue_limit() {
     let mut config = ServiceConfig::default();
     config.session.max_send_queue_bytes = 64 * 1024;
     let server = listen(config);
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let _never_reads = connect(server.local_addr());
-    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions.len() == 1));
-    let handle = app.sessions.values().next().unwrap().clone();
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
+    let handle = app.only_handle();
     let packet = SendBufferPool::global().encode(1, &[0u8; 4000]).unwrap();
     let mut sent = 0usize;
     while handle.send(packet.clone()) == _core::send_queue::Push::Queued {
         sent += 1;
         assert!(sent < 100_000, "the queue never filled");
     }
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::SendQueueFull);
     assert_eq!(server.service().stats().send_queue_bytes, 0, "the dropped queue is released");
 }
@@ -245,9 +336,9 @@ fn a_peer_that_never_reads_is_cut_at_the_send_queue_limit() {
 #[test]
 fn a_broadcast_reaches_every_announced_session_once() {
     let server = listen(ServiceConfig::default());
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut clients: Vec<TcpStream> = (0..20).map(|_| connect(server.local_addr())).collect();
-    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions.len() == 20));
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 20));
     let hello = SendBufferPool::global().encode(1, b"Hello World").unwrap();
     let outcome = server.service().broadcast(&hello, None);
     assert_eq!(outcome.queued, 20);
@@ -259,9 +350,9 @@ fn a_broadcast_reaches_every_announced_session_once() {
 #[test]
 fn shutdown_reports_every_session_once_with_its_reason() {
     let mut server = listen(ServiceConfig::default());
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut clients: Vec<TcpStream> = (0..10).map(|_| connect(server.local_addr())).collect();
-    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions.len() == 10));
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 10));
     server.service_mut().shutdown(DisconnectReason::ServerShutdown);
     for client in &mut clients {
         assert!(closed_by_server(client));
@@ -271,8 +362,8 @@ fn shutdown_reports_every_session_once_with_its_reason() {
     for event in events {
         app.handle(event);
     }
-    assert_eq!(app.disconnected.len(), 10);
-    assert!(app.disconnected.iter().all(|(_, reason)| *reason == DisconnectReason::ServerShutdown));
+    assert_eq!(app.disconnected().len(), 10);
+    assert!(app.disconnected().iter().all(|(_, reason)| *reason == DisconnectReason::ServerShutdown));
     assert_eq!(server.service().stats().sessions, 0);
 }
 
@@ -281,24 +372,25 @@ fn a_flooder_over_the_packet_rate_is_disconnected() {
     let mut config = ServiceConfig::default();
     config.session.max_packets_per_second = Some(100);
     let server = listen(config);
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut flooder = connect(server.local_addr());
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
     let burst: Vec<u8> = (0..500).flat_map(|_| packet(1, b"x")).collect();
     let _ = flooder.write_all(&burst);
-    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected.is_empty()));
+    assert!(app.pump(&server, FEW_SECONDS, |app| !app.disconnected().is_empty()));
     assert_eq!(app.reason_of_only_disconnect(), DisconnectReason::RateLimited);
 }
 
 #[test]
 fn sends_inside_a_write_batch_leave_when_the_batch_ends() {
     let server = listen(ServiceConfig::default());
-    let mut app = App::default();
+    let mut app = App::new(&server);
     let mut client = connect(server.local_addr());
-    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions.len() == 1));
-    let handle = app.sessions.values().next().unwrap().clone();
+    assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
+    let handle = app.only_handle();
     let batch = WriteBatch::begin();
     for i in 0..32u16 {
-        handle.send(SendBufferPool::global().encode(i, b"answer").unwrap());
+        coalesce::send(&handle, SendBufferPool::global().encode(i, b"answer").unwrap());
     }
     client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut probe = [0u8; 1];
@@ -322,7 +414,7 @@ fn a_reactor_kept_busy_by_a_tight_broadcast_still_takes_in_newcomers() {
     let broadcasting = AtomicBool::new(true);
     let latencies = std::thread::scope(|scope| {
         scope.spawn(|| {
-            let mut app = App::default();
+            let mut app = App::new(&server);
             let mut events = Vec::new();
             let tick = SendBufferPool::global().encode(1, b"tick").unwrap();
             while broadcasting.load(Ordering::Relaxed) {

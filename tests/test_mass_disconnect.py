@@ -124,7 +124,12 @@ def test_stopping_1000_clients_mid_broadcast_does_not_crash_the_server(start_ser
         stopper.join(15)
     assert not stopper.is_alive()
     assert broadcasts > 0
+    # The client was stopped from another thread while this one, which polls
+    # it, was busy: its on_disconnected calls wait for this thread's next poll.
+    assert client.running and not client_disconnects
+    client.poll(0)
     assert len(client_disconnects) == CLIENTS and set(client_disconnects.values()) == {1}
+    assert not client.running
 
     assert_idle_and_alive(server, connected, disconnected, raw_peers)
     del hello

@@ -26,6 +26,7 @@ from servercore._core import (
     Server,
     Service,
     Session,
+    __version__,
 )
 from servercore._reason import DisconnectReason
 
@@ -39,6 +40,5 @@ __all__ = [
     "Server",
     "Service",
     "Session",
+    "__version__",
 ]
-
-__version__ = "0.1.0"

@@ -20,7 +20,11 @@ __all__ = [
     "Server",
     "Service",
     "Session",
+    "__version__",
 ]
+
+__version__: Final[str]
+"""The version of servercore (Cargo.toml's)."""
 
 DISCONNECT_REASONS: Final[list[tuple[int, str]]]
 """The engine's disconnect reasons as (code, name); `DisconnectReason` mirrors them."""
@@ -33,9 +37,15 @@ HEADER_SIZE: Final[int]
 class Session:
     """A connection's raw byte stream (the lecture's `Session`).
 
-    Subclass it and override `on_recv` to parse your own framing. Instances are
-    created by a `Server` or `Client`, one per connection, by calling the class
-    with no arguments.
+    Subclass it and override `on_recv` to parse your own framing, and `send`
+    bytes as they are (an echo server, a line protocol, a foreign binary
+    protocol). Instances are created by a `Server` or `Client`, one per
+    connection, by calling the class with no arguments.
+
+    Callbacks are looked up on the object at every call, like any Python method
+    call: an instance attribute (`self.on_recv = ...`) or a class patched later
+    is honoured. Only `on_send` is decided once, when the service is made: it is
+    delivered only if the class overrides it then.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Session: ...
@@ -52,18 +62,15 @@ class Session:
     @property
     def connected(self) -> bool:
         """True until the session starts closing."""
-    @overload
-    def send(self, packet: SendBuffer, payload: None = None, /) -> bool: ...
-    @overload
-    def send(self, packet: int, payload: Buffer, /) -> bool:
-        """Queue a packet: `send(packet_id, payload)` or `send(send_buffer)`.
-        Never blocks and never calls back into Python.
+    def send(self, data: Buffer | SendBuffer, payload: None = None, /) -> bool:
+        """Queue bytes to go on the wire as they are (no header): any bytes-like
+        object, or a `SendBuffer` (raw or framed). Never blocks and never calls
+        back into Python.
 
         Returns False if the session is closing (or this send overflowed
         `max_send_queue_bytes`, which closes it with SEND_QUEUE_FULL). Raises
-        ValueError for a packet id outside 0..65535 or a payload that makes a
-        packet over `max_packet_size`, TypeError for a payload that is not
-        bytes-like.
+        ValueError for more bytes than `max_send_queue_bytes` could ever hold,
+        TypeError for a packet id and payload (that is `PacketSession.send`).
         """
     def disconnect(self) -> bool:
         """Close after flushing what was queued before (bounded by `linger`).
@@ -77,10 +84,14 @@ class Session:
         """Every unconsumed byte so far; return how many you consumed (0..len(data)).
 
         The rest is shown again, with the next bytes. The default consumes all.
-        Unconsumed bytes over `max_packet_size` disconnect with PACKET_TOO_LARGE.
+        Bytes arrive as the socket gives them, up to 8 KiB per read, so `data`
+        may be longer than `max_packet_size`; but more than `max_packet_size`
+        left unconsumed disconnects the session with PACKET_TOO_LARGE.
         """
     def on_send(self, nbytes: int) -> None:
-        """A write handed `nbytes` to the kernel. Only delivered if overridden."""
+        """A write handed `nbytes` to the kernel. Delivered only if the session
+        class overrides it when the Server or Client is created; the sum of
+        every `nbytes` is what the kernel took (`stats()["bytes_out"]`)."""
     def on_disconnected(self, reason: DisconnectReason) -> None:
         """Last callback of every session, exactly once, after the socket closed."""
 
@@ -89,29 +100,49 @@ class PacketSession(Session):
 
     Headers are checked in Rust: a size below 4 or above `max_packet_size`, or
     an id outside `packet_ids`, disconnects the session before its bytes reach
-    Python. `on_recv` is sealed: a subclass that defines it is rejected.
+    Python. `on_recv` is sealed: a subclass that defines it, or inherits one
+    from a mixin, is rejected with TypeError when the class is defined.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PacketSession: ...
+    @overload  # type: ignore[override]
+    def send(self, packet: SendBuffer, payload: None = None, /) -> bool: ...
+    @overload
+    def send(self, packet: int, payload: Buffer, /) -> bool:
+        """Queue a packet: `send(packet_id, payload)` or `send(send_buffer)`.
+        Never blocks and never calls back into Python.
+
+        Returns False if the session is closing (or this send overflowed
+        `max_send_queue_bytes`, which closes it with SEND_QUEUE_FULL). Raises
+        ValueError for a packet id outside 0..65535 or a payload that makes a
+        packet over `max_packet_size`, TypeError for a payload that is not
+        bytes-like or a `SendBuffer.raw`.
+        """
     def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
         """One whole packet, in arrival order; payload excludes the header."""
 
 @final
 class SendBuffer:
-    """One packet encoded once into pooled memory; send it to any number of
-    sessions without copying."""
+    """Bytes encoded once into pooled memory; send them to any number of
+    sessions without copying. `SendBuffer(packet_id, payload)` is one packet;
+    `SendBuffer.raw(data)` is raw bytes for raw `Session`s."""
 
     def __new__(cls, packet_id: int, payload: Buffer) -> SendBuffer: ...
+    @classmethod
+    def raw(cls, data: Buffer) -> SendBuffer:
+        """Raw bytes, no header: what a raw `Session` puts on the wire as it is."""
     @property
-    def packet_id(self) -> int: ...
+    def packet_id(self) -> int | None:
+        """The packet's id; None for raw bytes."""
     @property
     def size(self) -> int:
-        """The whole packet, header included."""
+        """Bytes on the wire, a packet's header included."""
     @property
-    def payload(self) -> bytes: ...
+    def payload(self) -> bytes:
+        """The packet's payload, or all of the raw bytes."""
     def __len__(self) -> int: ...
     def __bytes__(self) -> bytes:
-        """The packet as it goes on the wire, header included."""
+        """The bytes as they go on the wire."""
 
 @disjoint_base
 class Service:
@@ -120,32 +151,44 @@ class Service:
     def poll(self, timeout: float | None = None) -> int:
         """Run the callbacks of what has happened, on this thread.
 
-        Waits up to `timeout` seconds for something to happen (None: until it
-        does), with the GIL released. Returns the number of events handled.
-        Callbacks must not call poll() themselves.
+        Waits up to `timeout` seconds (0 to one year; None: until something
+        happens), with the GIL released, noticing Ctrl-C within 100 ms.
+        Returns the number of events handled. Callbacks must not call poll()
+        themselves, and only one thread may poll a service.
         """
     def run_forever(self) -> None:
-        """Poll until `stop()` is called from a callback or another thread."""
+        """Poll until `stop()` is called from a callback or another thread;
+        returns after the last `on_disconnected` has run."""
     def stop(self) -> None:
-        """Close every session (flushing, bounded by `linger`), deliver each
-        `on_disconnected`, end the I/O threads. Idempotent."""
+        """Close every session (flushing, bounded by `linger`) and end the I/O
+        threads; idempotent. The `on_disconnected` calls run on the polling
+        thread: here, if this is that thread (or none ever polled); else in the
+        poll running there, which this waits for; else at that thread's next
+        poll(). `running` is True until they have all run."""
     @overload
     def broadcast(self, packet: SendBuffer, payload: None = None, /, *, exclude: Session | None = None) -> int: ...
     @overload
-    def broadcast(self, packet: int, payload: Buffer, /, *, exclude: Session | None = None) -> int:
-        """`broadcast(packet_id, payload)` or `broadcast(send_buffer)`: queue one packet on every connected session (encoded once, shared).
-        Returns how many sessions it was queued on."""
+    def broadcast(self, packet: int, payload: Buffer, /, *, exclude: Session | None = None) -> int: ...
+    @overload
+    def broadcast(self, packet: Buffer, payload: None = None, /, *, exclude: Session | None = None) -> int:
+        """Queue one packet on every session whose `on_connected` has run
+        (encoded once, shared): `broadcast(packet_id, payload)` or
+        `broadcast(send_buffer)`; on a service of raw `Session`s,
+        `broadcast(data)`. Returns how many sessions it was queued on."""
     @property
     def sessions(self) -> list[Any]:
         """The connected session objects, oldest first (a snapshot)."""
     @property
-    def running(self) -> bool: ...
+    def running(self) -> bool:
+        """True from start() until stop() has finished and the last
+        `on_disconnected` has run."""
     def __len__(self) -> int:
         """Sessions that got `on_connected` and not yet `on_disconnected`."""
     def stats(self) -> dict[str, Any]:
         """Counters and gauges: sessions, accepted, connected, connect_failed,
         rejected, packets_in/out, bytes_in/out, send_queue_bytes,
-        pending_recv_bytes, pending_events, packets_discarded, disconnects
+        pending_recv_bytes, pending_events, packets_discarded,
+        unsent_bytes_dropped, disconnects
         (by reason name), pool_chunk_size, pool_chunks, pool_chunks_in_use,
         pool_buffers_encoded, pool_bytes_encoded (the README's table says
         what each means)."""

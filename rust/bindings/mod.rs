@@ -2,15 +2,19 @@
 //!
 //! - [`session`]: `Session` and `PacketSession`, the classes game code subclasses.
 //! - [`send_buffer`]: `SendBuffer`, and the payload forms `send` accepts.
-//! - [`service`]: `Service`, `Server` and `Client`.
-//! - [`dispatch`]: engine events turned into callbacks inside `poll()`.
+//! - [`options`]: Python values to engine values, checked against the engine's ranges.
+//! - [`service`]: `Service`, `Server` and `Client`, and which thread runs callbacks.
+//! - [`session_class`]: a session class's framing, and how its callbacks are called.
+//! - [`dispatcher`]: engine events turned into callbacks inside `poll()`.
 //! - [`logging`]: the engine's log records, emitted through Python's `logging`.
 
-mod dispatch;
+mod dispatcher;
 mod logging;
+mod options;
 mod send_buffer;
 mod service;
 mod session;
+mod session_class;
 
 use pyo3::prelude::*;
 
@@ -30,5 +34,6 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("DISCONNECT_REASONS", reasons)?;
     module.add("MAX_PACKET_SIZE", crate::frame::MAX_WIRE_PACKET_SIZE)?;
     module.add("HEADER_SIZE", crate::frame::HEADER_SIZE)?;
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,56 +1,77 @@
 //! `SendBuffer`, and the argument forms `send` and `broadcast` accept.
+//!
+//! A `PacketSession` sends packets: `(packet_id, payload)` or a framed
+//! `SendBuffer`. A raw `Session` sends bytes as they are: any bytes-like
+//! object, or a `SendBuffer` (framed or raw; on a raw stream a packet is bytes
+//! too). Either way the bytes are copied into pooled memory once.
 
 use bytes::Bytes;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes};
+use pyo3::types::{PyByteArray, PyBytes, PyInt, PyType};
 
+use super::options::{self, type_name};
+use crate::config::Framing;
 use crate::frame::{HEADER_SIZE, MAX_WIRE_PACKET_SIZE};
 use crate::send_buffer::SendBufferPool;
 
-/// One encoded packet, `[size][id][payload]`, immutable. Send it to any number of
-/// sessions: each one queues a reference to the same pooled bytes.
+/// Encoded bytes, immutable, sendable to any number of sessions: each one
+/// queues a reference to the same pooled memory. Either one packet,
+/// `[size][id][payload]` (`SendBuffer(packet_id, payload)`), or raw bytes for
+/// raw sessions (`SendBuffer.raw(data)`).
 #[pyclass(frozen, name = "SendBuffer", module = "servercore._core")]
 pub struct PySendBuffer {
-    pub(crate) packet: Bytes,
+    bytes: Bytes,
+    framed: bool,
 }
 
 #[pymethods]
 impl PySendBuffer {
     #[new]
     fn new(packet_id: &Bound<'_, PyAny>, payload: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let packet_id = packet_id_from(packet_id)?;
-        Ok(Self { packet: encode(packet_id, payload, MAX_WIRE_PACKET_SIZE)? })
+        let id = options::packet_id(packet_id)?;
+        Ok(Self { bytes: encode(id, payload, MAX_WIRE_PACKET_SIZE)?, framed: true })
     }
 
+    /// Raw bytes, no header: what a raw `Session` puts on the wire as it is.
+    #[classmethod]
+    fn raw(_cls: &Bound<'_, PyType>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(Self { bytes: with_payload(data, |bytes| SendBufferPool::global().copy(bytes))?, framed: false })
+    }
+
+    /// The packet's id; None for raw bytes.
     #[getter]
-    fn packet_id(&self) -> u16 {
-        u16::from_le_bytes([self.packet[2], self.packet[3]])
+    fn packet_id(&self) -> Option<u16> {
+        self.framed.then(|| u16::from_le_bytes([self.bytes[2], self.bytes[3]]))
     }
 
-    /// The whole packet, header included.
+    /// Bytes on the wire (a packet's header included).
     #[getter]
     fn size(&self) -> usize {
-        self.packet.len()
+        self.bytes.len()
     }
 
+    /// The packet's payload, or all of the raw bytes.
     #[getter]
     fn payload<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.packet[HEADER_SIZE..])
+        PyBytes::new(py, &self.bytes[if self.framed { HEADER_SIZE } else { 0 }..])
     }
 
     fn __len__(&self) -> usize {
-        self.packet.len()
+        self.bytes.len()
     }
 
-    /// The encoded packet as it goes on the wire.
+    /// The bytes as they go on the wire.
     fn __bytes__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.packet)
+        PyBytes::new(py, &self.bytes)
     }
 
     fn __repr__(&self) -> String {
-        format!("SendBuffer(packet_id={}, size={})", self.packet_id(), self.packet.len())
+        match self.packet_id() {
+            Some(id) => format!("SendBuffer(packet_id={id}, size={})", self.bytes.len()),
+            None => format!("SendBuffer.raw(size={})", self.bytes.len()),
+        }
     }
 }
 
@@ -69,44 +90,76 @@ pub fn encode(packet_id: u16, payload: &Bound<'_, PyAny>, max_packet_size: usize
     })?
 }
 
-/// What `send(...)` and `broadcast(...)` were given: a `SendBuffer`, or an id
-/// and a payload to encode.
-pub fn packet_from_args(
+/// What `send(...)` and `broadcast(...)` were given, as bytes for the wire of
+/// a session with `framing`. A packet is checked against `max_packet_size`;
+/// anything against `max_bytes`, the most one session may have queued.
+pub fn bytes_from_args(
+    framing: Framing,
+    first: &Bound<'_, PyAny>,
+    payload: Option<&Bound<'_, PyAny>>,
+    max_packet_size: usize,
+    max_bytes: usize,
+) -> PyResult<Bytes> {
+    let bytes = match framing {
+        Framing::Packets => packet_from_args(first, payload, max_packet_size)?,
+        Framing::Raw => raw_from_args(first, payload)?,
+    };
+    if bytes.len() > max_bytes {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes can never be sent: max_send_queue_bytes is {max_bytes}; send them in parts or \
+             raise max_send_queue_bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A packet session's forms: a framed `SendBuffer`, or an id and a payload.
+fn packet_from_args(
     packet: &Bound<'_, PyAny>,
     payload: Option<&Bound<'_, PyAny>>,
     max_packet_size: usize,
 ) -> PyResult<Bytes> {
     if let Ok(buffer) = packet.cast::<PySendBuffer>() {
+        let buffer = buffer.get();
         if payload.is_some() {
             return Err(PyTypeError::new_err("pass either a SendBuffer or (packet_id, payload), not both"));
         }
-        let packet = buffer.get().packet.clone();
-        if packet.len() > max_packet_size {
+        if !buffer.framed {
+            return Err(PyTypeError::new_err(
+                "a SendBuffer.raw() holds raw bytes, not a packet: a PacketSession sends packets \
+                 (SendBuffer(packet_id, payload)); raw bytes are for a raw Session",
+            ));
+        }
+        if buffer.bytes.len() > max_packet_size {
             return Err(PyValueError::new_err(format!(
                 "SendBuffer of {} bytes is over this service's max_packet_size {max_packet_size}",
-                packet.len()
+                buffer.bytes.len()
             )));
         }
-        return Ok(packet);
+        return Ok(buffer.bytes.clone());
     }
     let Some(payload) = payload else {
         return Err(PyTypeError::new_err(format!(
             "expected a SendBuffer, or a packet id and a payload; got {} alone",
-            packet.get_type().name()?
+            type_name(packet)
         )));
     };
-    encode(packet_id_from(packet)?, payload, max_packet_size)
+    encode(options::packet_id(packet)?, payload, max_packet_size)
 }
 
-pub fn packet_id_from(value: &Bound<'_, PyAny>) -> PyResult<u16> {
-    let id: i64 = value.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "packet_id must be an int, not {}",
-            value.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-        ))
-    })?;
-    u16::try_from(id)
-        .map_err(|_| PyValueError::new_err(format!("packet_id must be between 0 and 65535, got {id}")))
+/// A raw session's forms: bytes-like data, or a `SendBuffer`.
+fn raw_from_args(data: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Bytes> {
+    if payload.is_some() || data.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(
+            "a raw Session sends bytes as they are: send(data); subclass PacketSession to send \
+             (packet_id, payload) packets",
+        ));
+    }
+    if let Ok(buffer) = data.cast::<PySendBuffer>() {
+        return Ok(buffer.get().bytes.clone());
+    }
+    with_payload(data, |bytes| SendBufferPool::global().copy(bytes))
 }
 
 /// Runs `f` over the bytes of any bytes-like object without copying them first.
@@ -125,7 +178,7 @@ fn with_payload<R>(payload: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> Py
     let buffer = PyUntypedBuffer::get(payload).map_err(|_| {
         PyTypeError::new_err(format!(
             "payload must be bytes-like (bytes, bytearray, memoryview), not {}",
-            payload.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            type_name(payload)
         ))
     })?;
     if !buffer.is_c_contiguous() {

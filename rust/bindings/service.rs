@@ -1,27 +1,43 @@
 //! `Server` and `Client`, and `Service`, the base that holds what they share:
 //! poll, run_forever, stop, broadcast, sessions, stats.
+//!
+//! Which thread runs callbacks: only the one inside `poll()` or
+//! `run_forever()`, the polling thread. `stop()` shuts the engine down on
+//! whichever thread calls it (sessions flush and close; no callback runs
+//! meanwhile except on the polling thread), then the `on_disconnected` calls
+//! that are left are delivered:
+//!
+//! - by `stop()` itself, if it is called on the thread that polls (or no thread
+//!   ever polled);
+//! - by the poll running on another thread, which `stop()` waits for: a
+//!   `run_forever()` there delivers them and returns;
+//! - by the next `poll()` of the polling thread, if it is between polls when
+//!   another thread calls `stop()`; `running` stays True until then.
+//!
+//! A service collected while it runs warns (ResourceWarning) and shuts its
+//! engine down on a thread of its own, never blocking with the GIL held.
 
+use std::ffi::CString;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::ThreadId;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyResourceWarning, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::pyclass::{PyTraverseError, PyVisit};
+use pyo3::types::PyDict;
 
-use super::dispatch::{Dispatcher, SessionClass};
+use super::dispatcher::{Delivery, Dispatcher};
 use super::logging;
-use super::send_buffer::packet_from_args;
+use super::options::{self, Port, Role, SessionCount};
+use super::send_buffer::bytes_from_args;
 use super::session::PySession;
-use crate::config::{Keepalive, ServiceConfig};
-use crate::frame::{HEADER_SIZE, MAX_WIRE_PACKET_SIZE};
+use super::session_class::SessionClass;
+use crate::config::{ServiceConfig, limits};
 use crate::reason::DisconnectReason;
 use crate::service::{self, ServiceShared};
-
-/// What `run_forever` waits at most per poll, so `stop()` from another thread
-/// and Ctrl-C are noticed promptly.
-const RUN_FOREVER_POLL: Duration = Duration::from_millis(100);
+use crate::session::SessionId;
 
 /// The running engine a `Server` or `Client` owns once started.
 enum Engine {
@@ -38,17 +54,41 @@ impl Engine {
     }
 }
 
+/// Where a service is in its life; it only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Phase {
+    New = 0,
+    Running = 1,
+    /// `stop()` is shutting the engine down: sessions flush and close.
+    Stopping = 2,
+    /// The engine is down and every `Disconnected` is queued; some may not be
+    /// delivered yet.
+    Stopped = 3,
+    /// Everything is delivered.
+    Finished = 4,
+}
+
+/// What exists once the service has started.
+struct Started {
+    shared: Arc<ServiceShared>,
+    dispatcher: Dispatcher,
+    local_addr: Option<SocketAddr>,
+}
+
 /// The base of `Server` and `Client` (the lecture's `Service`).
 #[pyclass(subclass, frozen, name = "Service", module = "servercore._core")]
 pub struct PyService {
-    dispatcher: Dispatcher,
+    class: SessionClass,
     config: ServiceConfig,
     address: (String, u16),
-    shared: OnceLock<Arc<ServiceShared>>,
+    started: OnceLock<Started>,
     engine: Mutex<Option<Engine>>,
-    /// A server's bound address, once started.
-    local_addr: OnceLock<SocketAddr>,
-    stopped: AtomicBool,
+    phase: AtomicU8,
+    /// Signalled when the phase moves on: a second `stop()` waits for the first.
+    phase_changed: (Mutex<()>, Condvar),
+    /// The thread that last entered `poll()` or `run_forever()`.
+    poller: Mutex<Option<ThreadId>>,
     stop_reason: DisconnectReason,
 }
 
@@ -58,30 +98,56 @@ impl PyService {
         host: String,
         port: u16,
         options: Option<&Bound<'_, PyDict>>,
-        client: bool,
+        role: Role,
     ) -> PyResult<Self> {
         let class = SessionClass::inspect(session_class)?;
-        let mut config = parse_options(options, client)?;
+        let mut config = options::service_config(options, role)?;
         config.session.framing = class.framing;
-        config.session.report_sent = class.wants_sent_events();
+        config.session.report_sent = class.reports_sent;
         Ok(Self {
-            dispatcher: Dispatcher::new(class),
+            class,
             config,
             address: (host, port),
-            shared: OnceLock::new(),
+            started: OnceLock::new(),
             engine: Mutex::new(None),
-            local_addr: OnceLock::new(),
-            stopped: AtomicBool::new(false),
-            stop_reason: if client {
-                DisconnectReason::ClosedLocally
-            } else {
-                DisconnectReason::ServerShutdown
+            phase: AtomicU8::new(Phase::New as u8),
+            phase_changed: (Mutex::new(()), Condvar::new()),
+            poller: Mutex::new(None),
+            stop_reason: match role {
+                Role::Server => DisconnectReason::ServerShutdown,
+                Role::Client => DisconnectReason::ClosedLocally,
             },
         })
     }
 
-    fn shared(&self) -> PyResult<&Arc<ServiceShared>> {
-        self.shared.get().ok_or_else(|| PyRuntimeError::new_err("not started: call start() first"))
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::New,
+            1 => Phase::Running,
+            2 => Phase::Stopping,
+            3 => Phase::Stopped,
+            _ => Phase::Finished,
+        }
+    }
+
+    /// Moves the phase forward to `phase` (never back) and wakes who waits for it.
+    fn advance(&self, phase: Phase) {
+        let (lock, changed) = &self.phase_changed;
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.phase.fetch_max(phase as u8, Ordering::AcqRel);
+        changed.notify_all();
+    }
+
+    fn wait_for_phase(&self, phase: Phase) {
+        let (lock, changed) = &self.phase_changed;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.phase() < phase {
+            guard = changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn started(&self) -> PyResult<&Started> {
+        self.started.get().ok_or_else(|| PyRuntimeError::new_err("not started: call start() first"))
     }
 
     fn resolve(&self) -> PyResult<SocketAddr> {
@@ -100,42 +166,92 @@ impl PyService {
         py: Python<'_>,
         start: impl FnOnce(ServiceConfig, SocketAddr) -> Result<Engine, (std::io::Error, String)> + Send,
     ) -> PyResult<()> {
-        if self.stopped.load(Ordering::Acquire) {
-            return Err(PyRuntimeError::new_err(
-                "a stopped service cannot be started again; create a new one",
-            ));
+        let claimed = self.phase.compare_exchange(
+            Phase::New as u8,
+            Phase::Running as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if claimed.is_err() {
+            return Err(PyRuntimeError::new_err(match self.phase() {
+                Phase::Running => "already started",
+                _ => "a stopped service cannot be started again; create a new one",
+            }));
         }
-        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        if engine.is_some() {
-            return Err(PyRuntimeError::new_err("already started"));
+        let started = self.start_engine(py, start);
+        if started.is_err() {
+            self.phase.store(Phase::New as u8, Ordering::Release);
         }
+        started
+    }
+
+    fn start_engine(
+        &self,
+        py: Python<'_>,
+        start: impl FnOnce(ServiceConfig, SocketAddr) -> Result<Engine, (std::io::Error, String)> + Send,
+    ) -> PyResult<()> {
         logging::follow_python_level(py)?;
         let address = self.resolve()?;
         let config = self.config.clone();
         let started = py.detach(|| start(config, address));
         logging::flush(py)?;
-        let mut started = started.map_err(|(error, context)| os_error(&error, &context))?;
-        if let Engine::Server(server) = &started {
-            let _ = self.local_addr.set(server.local_addr());
-        }
-        let _ = self.shared.set(started.service_mut().shared().clone());
-        *engine = Some(started);
+        let mut engine = started.map_err(|(error, context)| os_error(&error, &context))?;
+        let local_addr = match &engine {
+            Engine::Server(server) => Some(server.local_addr()),
+            Engine::Client(_) => None,
+        };
+        let shared = engine.service_mut().shared().clone();
+        let dispatcher = Dispatcher::new(self.class.clone_ref(py), shared.clone());
+        *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+        let _ = self.started.set(Started { shared, dispatcher, local_addr });
         Ok(())
     }
 
-    fn stop_engine(&self, py: Python<'_>) -> PyResult<()> {
-        let engine = self.engine.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.stopped.store(true, Ordering::Release);
-        if let Some(mut engine) = engine {
-            let reason = self.stop_reason;
-            py.detach(|| engine.service_mut().shutdown(reason));
-            if let Some(shared) = self.shared.get() {
-                // Wakes a run_forever() waiting on another thread.
-                shared.events.interrupt();
+    /// This thread polls: callbacks belong to it from now on.
+    fn note_poller(&self) {
+        *self.poller.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current().id());
+    }
+
+    /// Delivers what is left once the engine is down; the service is finished.
+    fn finish(&self, py: Python<'_>, started: &Started, delivery: &mut Delivery) -> PyResult<usize> {
+        let delivered = started.dispatcher.drain(py, delivery)?;
+        self.advance(Phase::Finished);
+        Ok(delivered)
+    }
+
+    /// Shuts the engine down (or waits for the `stop()` that is doing it):
+    /// sessions flush and close, and every `Disconnected` is queued.
+    fn shut_down_engine(&self, py: Python<'_>, started: &Started) {
+        let engine = py.detach(|| self.engine.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let Some(mut engine) = engine else {
+            py.detach(|| self.wait_for_phase(Phase::Stopped));
+            return;
+        };
+        self.advance(Phase::Stopping);
+        let reason = self.stop_reason;
+        py.detach(|| {
+            engine.service_mut().shutdown(reason);
+            drop(engine);
+        });
+        self.advance(Phase::Stopped);
+        // A poll waiting on another thread looks up and delivers the rest.
+        started.shared.interrupt_wait();
+    }
+
+    /// After the engine is down: the `on_disconnected` calls left are
+    /// delivered on the polling thread (see the module docs).
+    fn deliver_the_rest(&self, py: Python<'_>, started: &Started) -> PyResult<()> {
+        let me = std::thread::current().id();
+        let poller = *self.poller.lock().unwrap_or_else(|e| e.into_inner());
+        match started.dispatcher.try_begin_delivery() {
+            Some(mut delivery) => {
+                if poller.is_none_or(|poller| poller == me) {
+                    self.finish(py, started, &mut delivery)?;
+                }
             }
-        }
-        if let Some(shared) = self.shared.get() {
-            self.dispatcher.drain(py, shared)?;
+            // Called from a callback: the poll that runs it delivers the rest.
+            None if poller == Some(me) => {}
+            None => started.dispatcher.wait_for_delivery_to_end(py),
         }
         logging::flush(py)
     }
@@ -147,41 +263,54 @@ impl PyService {
     /// seconds for something to happen (None: until it does). Returns the number
     /// of events handled.
     #[pyo3(signature = (timeout=None))]
-    fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<usize> {
-        let timeout = timeout.map(|t| seconds("timeout", t, true)).transpose()?;
-        let shared = self.shared()?.clone();
-        if self.stopped.load(Ordering::Acquire) {
+    fn poll(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+        let timeout = options::optional_seconds("timeout", timeout, limits::WAIT)?;
+        let started = self.started()?;
+        let mut delivery = started.dispatcher.begin_delivery()?;
+        self.note_poller();
+        if self.phase() >= Phase::Stopped {
             // Nothing more can happen: whatever is left is delivered, no waiting.
-            return self.dispatcher.drain(py, &shared);
+            return self.finish(py, started, &mut delivery);
         }
-        let delivered = self.dispatcher.poll(py, &shared, timeout)?;
-        if self.stopped.load(Ordering::Acquire) {
-            // stop() was called from a callback of this batch: deliver the rest now.
-            return Ok(delivered + self.dispatcher.drain(py, &shared)?);
+        let stopped = || self.phase() >= Phase::Stopped;
+        let delivered = started.dispatcher.poll(py, &mut delivery, timeout, stopped)?;
+        if stopped() {
+            // stop() was called meanwhile (a callback, another thread): the rest now.
+            return Ok(delivered + self.finish(py, started, &mut delivery)?);
         }
         Ok(delivered)
     }
 
-    /// Polls until `stop()` is called (from a callback or another thread).
+    /// Polls until `stop()` is called (from a callback or another thread), then
+    /// delivers every `on_disconnected` and returns.
     fn run_forever(&self, py: Python<'_>) -> PyResult<()> {
-        let shared = self.shared()?.clone();
-        while !self.stopped.load(Ordering::Acquire) {
-            self.dispatcher.poll(py, &shared, Some(RUN_FOREVER_POLL))?;
+        let started = self.started()?;
+        let mut delivery = started.dispatcher.begin_delivery()?;
+        self.note_poller();
+        let stopped = || self.phase() >= Phase::Stopped;
+        while !stopped() {
+            started.dispatcher.poll(py, &mut delivery, None, stopped)?;
             py.check_signals()?;
         }
-        self.dispatcher.drain(py, &shared)?;
-        Ok(())
+        self.finish(py, started, &mut delivery).map(drop)
     }
 
     /// Stops: no new sessions; every session is closed (flushing what was queued,
-    /// bounded by the linger) and gets `on_disconnected`. Idempotent.
+    /// bounded by the linger) and gets `on_disconnected` on the polling thread.
+    /// Idempotent.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.stop_engine(py)
+        let Some(started) = self.started.get() else {
+            // Never started: nothing runs, and nothing may start later.
+            self.advance(Phase::Finished);
+            return Ok(());
+        };
+        self.shut_down_engine(py, started);
+        self.deliver_the_rest(py, started)
     }
 
     /// Queues one packet on every connected session: `broadcast(packet_id,
-    /// payload)` or `broadcast(send_buffer)`. Encoded once, shared by all.
-    /// Returns how many sessions it was queued on.
+    /// payload)` or `broadcast(send_buffer)` (raw sessions: `broadcast(data)`).
+    /// Encoded once, shared by all. Returns how many sessions it was queued on.
     #[pyo3(signature = (packet, payload=None, /, *, exclude=None))]
     fn broadcast(
         &self,
@@ -189,55 +318,42 @@ impl PyService {
         payload: Option<&Bound<'_, PyAny>>,
         exclude: Option<&Bound<'_, PySession>>,
     ) -> PyResult<usize> {
-        let shared = self.shared()?;
-        let packet = packet_from_args(packet, payload, self.config.max_packet_size())?;
-        let exclude = exclude.map(|s| s.getattr("id")?.extract::<u64>()).transpose()?;
-        Ok(shared.broadcast(&packet, exclude.map(crate::session::SessionId)).queued)
+        let started = self.started()?;
+        let session = &self.config.session;
+        let bytes = bytes_from_args(
+            session.framing,
+            packet,
+            payload,
+            self.config.max_packet_size(),
+            session.max_send_queue_bytes,
+        )?;
+        let exclude = exclude.map(|s| s.get().session_id()).transpose()?;
+        Ok(started.shared.broadcast(&bytes, exclude.map(SessionId)).queued)
     }
 
     /// The connected sessions, oldest first (a snapshot).
     #[getter]
     fn sessions<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
-        self.dispatcher.session_objects(py)
+        self.started.get().map(|s| s.dispatcher.session_objects(py)).unwrap_or_default()
     }
 
+    /// True from start() until stop() has finished and the last
+    /// on_disconnected has been delivered.
     #[getter]
     fn running(&self) -> bool {
-        self.shared.get().is_some() && !self.stopped.load(Ordering::Acquire)
+        self.started.get().is_some()
+            && matches!(self.phase(), Phase::Running | Phase::Stopping | Phase::Stopped)
     }
 
     fn __len__(&self) -> usize {
-        self.dispatcher.session_count()
+        self.started.get().map_or(0, |s| s.dispatcher.session_count())
     }
 
     /// Counters and gauges; see the README for what each means.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let snapshot = match self.shared.get() {
-            Some(shared) => shared.stats(),
-            None => return Err(PyRuntimeError::new_err("not started: call start() first")),
-        };
+        let snapshot = self.started()?.shared.stats();
         let dict = PyDict::new(py);
-        let figures: [(&str, u64); 18] = [
-            ("sessions", snapshot.sessions as u64),
-            ("accepted", snapshot.accepted),
-            ("connected", snapshot.connected),
-            ("connect_failed", snapshot.connect_failed),
-            ("rejected", snapshot.rejected),
-            ("packets_in", snapshot.packets_in),
-            ("bytes_in", snapshot.bytes_in),
-            ("packets_out", snapshot.packets_out),
-            ("bytes_out", snapshot.bytes_out),
-            ("send_queue_bytes", snapshot.send_queue_bytes as u64),
-            ("pending_recv_bytes", snapshot.pending_recv_bytes as u64),
-            ("pending_events", snapshot.pending_events as u64),
-            ("packets_discarded", snapshot.packets_discarded),
-            ("pool_chunk_size", snapshot.pool.chunk_size as u64),
-            ("pool_chunks", snapshot.pool.chunks as u64),
-            ("pool_chunks_in_use", snapshot.pool.chunks_in_use as u64),
-            ("pool_buffers_encoded", snapshot.pool.buffers_encoded),
-            ("pool_bytes_encoded", snapshot.pool.bytes_encoded),
-        ];
-        for (name, value) in figures {
+        for (name, value) in snapshot.figures() {
             dict.set_item(name, value)?;
         }
         let disconnects = PyDict::new(py);
@@ -249,7 +365,7 @@ impl PyService {
     }
 
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
-        if slf.get().shared.get().is_none() {
+        if slf.get().phase() == Phase::New {
             slf.call_method0("start")?;
         }
         Ok(slf.clone())
@@ -257,8 +373,54 @@ impl PyService {
 
     #[pyo3(signature = (*_exc))]
     fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
-        self.stop_engine(py)?;
+        self.stop(py)?;
         Ok(false)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(self.class.cls())?;
+        match self.started.get() {
+            Some(started) => started.dispatcher.traverse(&visit),
+            None => Ok(()),
+        }
+    }
+
+    fn __clear__(&self) {
+        if let Some(started) = self.started.get() {
+            drop(started.dispatcher.forget_sessions());
+        }
+    }
+}
+
+impl Drop for PyService {
+    /// A service collected while it runs: its engine is shut down on a thread
+    /// of its own (that waits out the linger; this thread holds the GIL), and
+    /// a ResourceWarning says so, like an unclosed socket's.
+    fn drop(&mut self) {
+        let Some(engine) = self.engine.get_mut().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let what = match &engine {
+            Engine::Server(server) => format!("Server on {}", server.local_addr()),
+            Engine::Client(_) => format!("Client to {}:{}", self.address.0, self.address.1),
+        };
+        let reason = self.stop_reason;
+        let stopper = std::thread::Builder::new().name("servercore-stop".into()).spawn(move || {
+            let mut engine = engine;
+            engine.service_mut().shutdown(reason);
+        });
+        if let Err(error) = stopper {
+            log::error!(target: "servercore", "{what}: no thread to stop it on ({error}); its sessions stay open");
+        }
+        let message = format!(
+            "servercore {what} was collected while running; its sessions were closed without \
+             on_disconnected. Call stop(), or use `with`."
+        );
+        Python::attach(|py| {
+            let message = CString::new(message).unwrap_or_default();
+            let category = py.get_type::<PyResourceWarning>();
+            if let Err(error) = PyErr::warn(py, category.as_any(), &message, 1) {
+                error.write_unraisable(py, None);
+            }
+        });
     }
 }
 
@@ -269,14 +431,17 @@ pub struct PyServer;
 #[pymethods]
 impl PyServer {
     #[new]
-    #[pyo3(signature = (session_class, host="127.0.0.1", port=0, **options))]
+    #[pyo3(
+        signature = (session_class, host="127.0.0.1", port=Port(0), **options),
+        text_signature = "(session_class, host='127.0.0.1', port=0, **options)"
+    )]
     fn new(
         session_class: &Bound<'_, PyAny>,
         host: &str,
-        port: u16,
+        port: Port,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let base = PyService::new(session_class, host.to_owned(), port, options, false)?;
+        let base = PyService::new(session_class, host.to_owned(), port.0, options, Role::Server)?;
         Ok(PyClassInitializer::from(base).add_subclass(Self))
     }
 
@@ -292,7 +457,7 @@ impl PyServer {
     #[getter]
     fn host(slf: &Bound<'_, Self>) -> String {
         let base = slf.as_super().get();
-        match base.local_addr.get() {
+        match base.started.get().and_then(|s| s.local_addr) {
             Some(addr) => addr.ip().to_string(),
             None => base.address.0.clone(),
         }
@@ -302,7 +467,7 @@ impl PyServer {
     #[getter]
     fn port(slf: &Bound<'_, Self>) -> u16 {
         let base = slf.as_super().get();
-        match base.local_addr.get() {
+        match base.started.get().and_then(|s| s.local_addr) {
             Some(addr) => addr.port(),
             None => base.address.1,
         }
@@ -329,22 +494,22 @@ pub struct PyClient {
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (session_class, host="127.0.0.1", port=None, count=1, **options))]
+    #[pyo3(
+        signature = (session_class, host="127.0.0.1", port=None, count=SessionCount(1), **options),
+        text_signature = "(session_class, host='127.0.0.1', port=None, count=1, **options)"
+    )]
     fn new(
         session_class: &Bound<'_, PyAny>,
         host: &str,
-        port: Option<u16>,
-        count: usize,
+        port: Option<Port>,
+        count: SessionCount,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let Some(port) = port.filter(|p| *p != 0) else {
-            return Err(PyValueError::new_err("Client needs the server's port"));
+        let Some(Port(port)) = port.filter(|p| p.0 != 0) else {
+            return Err(PyValueError::new_err("Client needs the server's port (1 to 65535)"));
         };
-        if count == 0 {
-            return Err(PyValueError::new_err("count must be at least 1"));
-        }
-        let base = PyService::new(session_class, host.to_owned(), port, options, true)?;
-        Ok(PyClassInitializer::from(base).add_subclass(Self { count }))
+        let base = PyService::new(session_class, host.to_owned(), port, options, Role::Client)?;
+        Ok(PyClassInitializer::from(base).add_subclass(Self { count: count.0 }))
     }
 
     /// Connects all `count` sessions and returns when every attempt has finished.
@@ -395,86 +560,4 @@ fn os_error(error: &std::io::Error, context: &str) -> PyErr {
         Some(errno) => PyOSError::new_err((errno, format!("{context}: {error}"))),
         None => PyOSError::new_err(format!("{context}: {error}")),
     }
-}
-
-fn seconds(name: &str, value: f64, zero_ok: bool) -> PyResult<Duration> {
-    if !value.is_finite() || value < 0.0 || (!zero_ok && value == 0.0) {
-        let bound = if zero_ok { "0 or more" } else { "more than 0" };
-        return Err(PyValueError::new_err(format!("{name} must be {bound} seconds (or None), got {value}")));
-    }
-    Ok(Duration::from_secs_f64(value))
-}
-
-/// The keyword options of `Server(...)` and `Client(...)`.
-fn parse_options(options: Option<&Bound<'_, PyDict>>, client: bool) -> PyResult<ServiceConfig> {
-    let mut config = ServiceConfig::default();
-    let Some(options) = options else { return Ok(config) };
-    let session = &mut config.session;
-    for (key, value) in options.iter() {
-        let key: String = key.cast::<PyString>()?.to_string();
-        let none = value.is_none();
-        match key.as_str() {
-            "io_threads" if none => {}
-            "io_threads" => config.io_threads = positive(&key, &value)?,
-            "max_sessions" => config.max_sessions = positive(&key, &value)?,
-            "backlog" => config.backlog = positive(&key, &value)?,
-            "max_packet_size" => {
-                let size: usize = value.extract()?;
-                if !(HEADER_SIZE..=MAX_WIRE_PACKET_SIZE).contains(&size) {
-                    return Err(PyValueError::new_err(format!(
-                        "max_packet_size must be between {HEADER_SIZE} and {MAX_WIRE_PACKET_SIZE}, got {size}"
-                    )));
-                }
-                session.frame_limits.max_packet_size = size;
-            }
-            "max_send_queue_bytes" => session.max_send_queue_bytes = positive(&key, &value)?,
-            "max_pending_recv_bytes" => session.max_pending_recv_bytes = positive(&key, &value)?,
-            "packet_timeout" => {
-                session.packet_timeout =
-                    (!none).then(|| seconds(&key, value.extract()?, false)).transpose()?
-            }
-            "idle_timeout" => {
-                session.idle_timeout = (!none).then(|| seconds(&key, value.extract()?, false)).transpose()?
-            }
-            "linger" => session.linger = seconds(&key, value.extract()?, true)?,
-            "max_packets_per_second" => {
-                session.max_packets_per_second = (!none).then(|| positive(&key, &value)).transpose()?
-            }
-            "packet_ids" if none => session.frame_limits.allowed_ids = None,
-            "packet_ids" => {
-                let mut ids = Vec::new();
-                for id in value.try_iter()? {
-                    ids.push(super::send_buffer::packet_id_from(&id?)?);
-                }
-                session.frame_limits.allowed_ids = Some(ids.into_iter().collect());
-            }
-            "nodelay" => session.nodelay = value.extract()?,
-            "keepalive" => {
-                session.keepalive = value.extract::<bool>()?.then(Keepalive::default);
-            }
-            "connect_timeout" if client => config.connect_timeout = seconds(&key, value.extract()?, false)?,
-            _ => {
-                let kind = if client { "Client" } else { "Server" };
-                return Err(PyTypeError::new_err(format!(
-                    "{kind}() got an unexpected keyword argument '{key}'"
-                )));
-            }
-        }
-    }
-    if session.max_send_queue_bytes < session.frame_limits.max_packet_size {
-        return Err(PyValueError::new_err(format!(
-            "max_send_queue_bytes ({}) must hold at least one packet of max_packet_size ({})",
-            session.max_send_queue_bytes, session.frame_limits.max_packet_size
-        )));
-    }
-    Ok(config)
-}
-
-fn positive<T: TryFrom<u64>>(name: &str, value: &Bound<'_, PyAny>) -> PyResult<T> {
-    let number: i64 = value.extract().map_err(|_| PyTypeError::new_err(format!("{name} must be an int")))?;
-    u64::try_from(number)
-        .ok()
-        .filter(|n| *n > 0)
-        .and_then(|n| T::try_from(n).ok())
-        .ok_or_else(|| PyValueError::new_err(format!("{name} must be a positive int in range, got {number}")))
 }

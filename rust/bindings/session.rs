@@ -11,7 +11,9 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 
-use super::send_buffer::packet_from_args;
+use super::send_buffer::bytes_from_args;
+use crate::coalesce;
+use crate::config::Framing;
 use crate::reason::DisconnectReason;
 use crate::send_queue::Push;
 use crate::session::SessionHandle;
@@ -28,6 +30,28 @@ impl PySession {
     pub fn attach(&self, handle: Arc<SessionHandle>) {
         // The object was created for this connection a moment ago.
         let _ = self.handle.set(handle);
+    }
+
+    /// Queues what `send` was given, as bytes for the wire of `framing`.
+    fn send_as(
+        &self,
+        framing: Framing,
+        first: &Bound<'_, PyAny>,
+        payload: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let handle = self.handle()?;
+        let bytes = bytes_from_args(
+            framing,
+            first,
+            payload,
+            handle.max_packet_size(),
+            handle.max_send_queue_bytes(),
+        )?;
+        Ok(coalesce::send(handle, bytes) == Push::Queued)
+    }
+
+    pub fn session_id(&self) -> PyResult<u64> {
+        Ok(self.handle()?.id().0)
     }
 
     fn handle(&self) -> PyResult<&Arc<SessionHandle>> {
@@ -75,14 +99,12 @@ impl PySession {
         self.handle.get().is_some_and(|h| h.is_connected())
     }
 
-    /// Queues a packet: `send(packet_id, payload)` or `send(send_buffer)`.
-    /// Returns False if the session is closing (or this send overflowed its
-    /// queue, which closes it with SEND_QUEUE_FULL). Never blocks.
-    #[pyo3(signature = (packet, payload=None, /))]
-    fn send(&self, packet: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-        let handle = self.handle()?;
-        let bytes = packet_from_args(packet, payload, handle.max_packet_size())?;
-        Ok(handle.send(bytes) == Push::Queued)
+    /// Queues bytes to go on the wire as they are: any bytes-like object or a
+    /// `SendBuffer`. Returns False if the session is closing (or this send
+    /// overflowed its queue, which closes it with SEND_QUEUE_FULL). Never blocks.
+    #[pyo3(signature = (data, payload=None, /))]
+    fn send(&self, data: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        self.send_as(Framing::Raw, data, payload)
     }
 
     /// Closes the session after flushing what was already queued (bounded by the
@@ -134,17 +156,34 @@ impl PyPacketSession {
         PyClassInitializer::from(PySession::default()).add_subclass(PyPacketSession)
     }
 
+    /// Queues a packet: `send(packet_id, payload)` or `send(send_buffer)`.
+    /// Returns False if the session is closing (or this send overflowed its
+    /// queue, which closes it with SEND_QUEUE_FULL). Never blocks.
+    #[pyo3(signature = (packet, payload=None, /))]
+    fn send(
+        slf: &Bound<'_, Self>,
+        packet: &Bound<'_, PyAny>,
+        payload: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        slf.as_super().get().send_as(Framing::Packets, packet, payload)
+    }
+
     /// Seals `on_recv`: framing is done in Rust, where a lying header costs
-    /// nothing but its own session.
+    /// nothing but its own session. An `on_recv` from anywhere in the class's
+    /// ancestry (a mixin, say) would be silently ignored, so it is refused.
     #[classmethod]
     #[pyo3(signature = (**_kwargs))]
     fn __init_subclass__(cls: &Bound<'_, PyType>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
-        let own = cls.getattr("__dict__")?;
-        if own.contains("on_recv")? {
+        let py = cls.py();
+        let found = py.import("inspect")?.call_method1("getattr_static", (cls, "on_recv"))?;
+        let sealed = py.get_type::<PySession>().getattr("__dict__")?.get_item("on_recv")?;
+        if !found.is(&sealed) {
             return Err(PyTypeError::new_err(format!(
-                "{}: PacketSession.on_recv is sealed; override on_recv_packet(packet_id, payload) \
-                 instead, or subclass Session to handle the raw byte stream",
-                cls.qualname()?
+                "{}: PacketSession.on_recv is sealed (found one in {}); override \
+                 on_recv_packet(packet_id, payload) instead, or subclass Session to handle the raw \
+                 byte stream",
+                cls.qualname()?,
+                defining_class(cls, "on_recv")?
             )));
         }
         Ok(())
@@ -152,4 +191,16 @@ impl PyPacketSession {
 
     #[allow(unused_variables)]
     fn on_recv_packet(&self, packet_id: u16, payload: &Bound<'_, PyBytes>) {}
+}
+
+/// The name of the first class in `cls`'s method resolution order whose own
+/// namespace defines `name`.
+fn defining_class(cls: &Bound<'_, PyType>, name: &str) -> PyResult<String> {
+    for klass in cls.getattr("__mro__")?.try_iter()? {
+        let klass = klass?;
+        if klass.getattr("__dict__")?.contains(name)? {
+            return Ok(klass.getattr("__qualname__")?.to_string());
+        }
+    }
+    Ok(cls.qualname()?.to_string())
 }

@@ -5,15 +5,15 @@
 //! floor --port P --mode broadcast|echo|hello|idle
 //! Prints "listening <port>" once it accepts connections.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use _core::coalesce::WriteBatch;
+use _core::coalesce::{self, WriteBatch};
+use _core::frame::PacketRun;
 use _core::send_buffer::SendBufferPool;
-use _core::{Event, Server, ServiceConfig, SessionHandle, SessionId};
+use _core::{Application, DisconnectReason, Known, Server, ServiceConfig, SessionHandle};
 use clap::{Parser, ValueEnum};
 
 const ID_BROADCAST: u16 = 1;
@@ -50,47 +50,43 @@ struct Cli {
 
 struct App {
     mode: Mode,
-    sessions: HashMap<SessionId, Arc<SessionHandle>>,
+    sessions: usize,
     job: Option<(u32, u32)>,
     pool: &'static SendBufferPool,
 }
 
-impl App {
-    fn handle(&mut self, event: Event) {
-        match event {
-            Event::Connected(handle) => {
-                handle.mark_announced();
-                self.sessions.insert(handle.id(), handle);
-            }
-            Event::Packets { session, packets } => {
-                let Some(handle) = self.sessions.get(&session) else { return };
-                for (packet_id, payload) in &packets {
-                    match packet_id {
-                        ID_ECHO if self.mode == Mode::Echo => {
-                            handle.send(self.pool.encode(ID_ECHO, payload).expect("echo fits"));
-                        }
-                        ID_CONTROL if payload.len() >= 8 => {
-                            let packets = u32::from_le_bytes(payload[0..4].try_into().unwrap());
-                            let size = u32::from_le_bytes(payload[4..8].try_into().unwrap());
-                            self.job = Some((packets, size.max(4)));
-                        }
-                        ID_QUERY => {
-                            let count = self.sessions.len() as u32;
-                            handle.send(self.pool.encode(ID_QUERY, &count.to_le_bytes()).expect("fits"));
-                        }
-                        _ => {}
-                    }
+impl Application for App {
+    type Session = ();
+
+    fn connected(&mut self, _handle: &Arc<SessionHandle>) {
+        self.sessions += 1;
+    }
+
+    fn packets(&mut self, session: &mut Known<()>, packets: &PacketRun) {
+        let handle = &session.handle;
+        for (packet_id, payload) in packets {
+            match packet_id {
+                ID_ECHO if self.mode == Mode::Echo => {
+                    coalesce::send(handle, self.pool.encode(ID_ECHO, payload).expect("echo fits"));
                 }
-                handle.release_received(packets.byte_len(), 1);
-            }
-            Event::Received { .. } | Event::Sent { .. } => {}
-            Event::Disconnected { session, .. } => {
-                self.sessions.remove(&session);
+                ID_CONTROL if payload.len() >= 8 => {
+                    let packets = u32::from_le_bytes(payload[0..4].try_into().unwrap());
+                    let size = u32::from_le_bytes(payload[4..8].try_into().unwrap());
+                    self.job = Some((packets, size.max(4)));
+                }
+                ID_QUERY => {
+                    let count = self.sessions as u32;
+                    coalesce::send(handle, self.pool.encode(ID_QUERY, &count.to_le_bytes()).expect("fits"));
+                }
+                _ => {}
             }
         }
     }
-}
 
+    fn disconnected(&mut self, _session: Known<()>, _reason: DisconnectReason) {
+        self.sessions -= 1;
+    }
+}
 
 fn main() {
     let cli = Cli::parse();
@@ -111,7 +107,8 @@ fn main() {
     let _ = std::io::stdout().flush();
 
     let pool = SendBufferPool::global();
-    let mut app = App { mode: cli.mode, sessions: HashMap::new(), job: None, pool };
+    let mut app = App { mode: cli.mode, sessions: 0, job: None, pool };
+    let mut inbox = server.service().shared().inbox::<()>();
     let mut events = Vec::new();
     let mut inner = Vec::new();
     let mut payload = Vec::new();
@@ -131,7 +128,7 @@ fn main() {
         let writes = WriteBatch::begin();
         let handled = events.len();
         for event in events.drain(..) {
-            app.handle(event);
+            inbox.deliver(event, &mut app);
         }
         writes.flush(handled);
         drop(writes);
@@ -145,7 +142,7 @@ fn main() {
                 if cli.poll_every > 0 && seq % cli.poll_every == cli.poll_every - 1 {
                     server.service().wait_events(Some(Duration::ZERO), &mut inner);
                     for event in inner.drain(..) {
-                        app.handle(event);
+                        inbox.deliver(event, &mut app);
                     }
                 }
             }

@@ -1,26 +1,44 @@
-//! Events from the I/O threads to the application thread, in batches.
+//! What crosses from the I/O threads to the application: events about
+//! sessions, named by their id, in batches.
 //!
 //! I/O threads never run application code: they append events to one queue, a
 //! batch under one lock (a read's worth of packets when the consumer is
-//! waiting, a reactor's whole round of sessions when it is busy anyway). The application thread takes
-//! everything queued in one swap and runs the callbacks (in Python: one GIL
-//! acquisition for the whole batch). Each session's events are appended by the
-//! one reactor that serves it, so a single queue keeps them in order: `Connected`
-//! first, packets in arrival order, `Disconnected` last.
+//! waiting, a reactor's whole round of sessions when it is busy anyway). The
+//! application thread takes everything queued in one swap and runs the
+//! callbacks (in Python: one GIL acquisition for the whole batch). Each
+//! session's events are appended by the one reactor that serves it, so a single
+//! queue keeps them in order: `Connected` first, packets in arrival order,
+//! `Disconnected` last.
+//!
+//! Events are plain data: they name a session, they do not own it. A queue that
+//! nobody drains (a service dropped without a last look) then holds bytes, never
+//! a session and through it the service.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::frame::PacketRun;
 use crate::reason::DisconnectReason;
-use crate::session::{SessionHandle, SessionId};
 
+/// A session's number, unique within its service, counting from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug)]
 pub enum Event {
-    /// A new session; the first event of every session.
-    Connected(Arc<SessionHandle>),
+    /// A new session; the first event of every session. Its handle is in the
+    /// service's registry until its `Disconnected` has been queued.
+    Connected { session: SessionId },
     /// Whole, checked packets, in arrival order (packet framing). The consumer
     /// calls [`SessionHandle::release_received`] with the run's byte length
     /// once they are handled, or the session's reader stays paused.
@@ -36,8 +54,8 @@ pub enum Event {
 impl Event {
     pub fn session_id(&self) -> SessionId {
         match self {
-            Event::Connected(handle) => handle.id(),
-            Event::Packets { session, .. }
+            Event::Connected { session }
+            | Event::Packets { session, .. }
             | Event::Received { session, .. }
             | Event::Sent { session, .. }
             | Event::Disconnected { session, .. } => *session,
@@ -88,7 +106,8 @@ impl EventQueue {
     /// Waits until events are queued or `timeout` passes (`None`: no limit), then
     /// moves all of them to the end of `out`. Returns how many were moved.
     pub fn wait(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too far away to be an instant is no limit at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut state = self.lock();
         while state.events.is_empty() && !state.interrupted {
             state.waiting = true;
@@ -157,6 +176,7 @@ impl EventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::thread;
 
     fn sent(session: u64) -> Event {

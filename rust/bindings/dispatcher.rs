@@ -1,0 +1,475 @@
+//! Engine events turned into callbacks, on the thread that polls, under one
+//! GIL acquisition per batch.
+//!
+//! The session objects live in the engine's [`Inbox`], keyed by session id,
+//! from `Connected` to `Disconnected`. Its lock is only held to look an object
+//! up, never while Python runs, so callbacks may freely use `server.sessions`,
+//! `send`, `broadcast`, `disconnect` and `stop`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::pyclass::{PyTraverseError, PyVisit};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict};
+use rustc_hash::FxHashMap;
+
+use super::logging;
+use super::session_class::{SessionClass, callback};
+use crate::coalesce::WriteBatch;
+use crate::events::Event;
+use crate::inbox::Inbox;
+use crate::reason::DisconnectReason;
+use crate::service::ServiceShared;
+use crate::session::{SessionHandle, SessionId};
+
+/// The longest a wait for events goes without looking for Ctrl-C.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Events delivered between two wakeups of the writers their callbacks sent to:
+/// bounds the latency that coalescing adds to a long batch.
+const WRITE_BATCH_EVENTS: usize = 256;
+
+/// What the dispatcher keeps per session: its object (None if the session
+/// class raised when it was called), 8 bytes beside the engine's handle.
+type SessionInbox = Inbox<Option<Py<PyAny>>>;
+
+/// The session whose events are being delivered. A read's worth of packets
+/// from one session arrives as a run of consecutive events: the run looks the
+/// session up once, and gives the reader back its backlog once.
+#[derive(Default)]
+struct Run {
+    current: Option<Current>,
+}
+
+struct Current {
+    id: SessionId,
+    object: Option<Py<PyAny>>,
+    handle: Arc<SessionHandle>,
+    /// Bytes and events received in this run, not yet released to the reader.
+    received: (usize, usize),
+}
+
+impl Run {
+    /// Ends the run: what it delivered no longer holds the session's reader back.
+    fn end(&mut self) {
+        if let Some(current) = self.current.take() {
+            let (bytes, events) = current.received;
+            if bytes > 0 || events > 0 {
+                SessionInbox::release(&current.handle, bytes, events);
+            }
+        }
+    }
+}
+
+/// Events taken from the engine and not yet delivered. A Ctrl-C in the middle
+/// of a batch leaves the rest here for the next `poll`.
+#[derive(Default)]
+pub struct Delivery {
+    pending: VecDeque<Event>,
+    incoming: Vec<Event>,
+}
+
+impl Delivery {
+    fn take_incoming(&mut self) {
+        self.pending.extend(self.incoming.drain(..));
+    }
+}
+
+pub struct Dispatcher {
+    class: SessionClass,
+    shared: Arc<ServiceShared>,
+    inbox: Mutex<SessionInbox>,
+    /// Raw sessions: the bytes `on_recv` has not consumed yet, kept only while
+    /// there are some.
+    unconsumed: Mutex<FxHashMap<SessionId, BytesMut>>,
+    delivery: Mutex<Delivery>,
+    reasons: PyOnceLock<Vec<Py<PyAny>>>,
+}
+
+impl Dispatcher {
+    pub fn new(class: SessionClass, shared: Arc<ServiceShared>) -> Self {
+        Self {
+            class,
+            inbox: Mutex::new(shared.inbox()),
+            shared,
+            unconsumed: Mutex::new(FxHashMap::default()),
+            delivery: Mutex::new(Delivery::default()),
+            reasons: PyOnceLock::new(),
+        }
+    }
+
+    /// Session objects the application has been told of and not yet said goodbye to.
+    pub fn session_objects<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
+        let inbox = self.lock_inbox();
+        let mut known: Vec<_> = inbox.iter().filter_map(|(id, k)| Some((*id, k.state.as_ref()?))).collect();
+        known.sort_by_key(|(id, _)| *id);
+        known.into_iter().map(|(_, object)| object.bind(py).clone()).collect()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.lock_inbox().iter().filter(|(_, k)| k.state.is_some()).count()
+    }
+
+    /// The right to deliver: one thread at a time, and never from inside a
+    /// callback (which would deliver events out of order).
+    pub fn begin_delivery(&self) -> PyResult<MutexGuard<'_, Delivery>> {
+        match self.delivery.try_lock() {
+            Ok(delivery) => Ok(delivery),
+            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
+                "poll() is already running: callbacks must not call poll() or run_forever(), \
+                 and only one thread may poll a service",
+            )),
+        }
+    }
+
+    /// The right to deliver if nobody holds it; `None` while a poll runs.
+    pub fn try_begin_delivery(&self) -> Option<MutexGuard<'_, Delivery>> {
+        match self.delivery.try_lock() {
+            Ok(delivery) => Some(delivery),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Waits, without the GIL, until the poll running on another thread ends.
+    pub fn wait_for_delivery_to_end(&self, py: Python<'_>) {
+        py.detach(|| drop(self.delivery.lock()));
+    }
+
+    /// Waits up to `timeout` (None: until something happens, or `give_up`
+    /// says to stop waiting) for events and runs their callbacks. Ctrl-C is
+    /// noticed within 100 ms however long the wait. Returns how many events
+    /// were delivered.
+    pub fn poll(
+        &self,
+        py: Python<'_>,
+        delivery: &mut Delivery,
+        timeout: Option<Duration>,
+        give_up: impl Fn() -> bool,
+    ) -> PyResult<usize> {
+        if delivery.pending.is_empty() {
+            self.wait(py, delivery, timeout, give_up)?;
+        }
+        self.deliver_pending(py, delivery)
+    }
+
+    /// Delivers everything the engine holds, without waiting.
+    pub fn drain(&self, py: Python<'_>, delivery: &mut Delivery) -> PyResult<usize> {
+        let mut total = 0;
+        loop {
+            self.shared.wait_events(Some(Duration::ZERO), &mut delivery.incoming);
+            delivery.take_incoming();
+            if delivery.pending.is_empty() {
+                return Ok(total);
+            }
+            total += self.deliver_pending(py, delivery)?;
+        }
+    }
+
+    fn wait(
+        &self,
+        py: Python<'_>,
+        delivery: &mut Delivery,
+        timeout: Option<Duration>,
+        give_up: impl Fn() -> bool,
+    ) -> PyResult<()> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let slice = match deadline {
+                Some(deadline) => {
+                    deadline.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK_INTERVAL)
+                }
+                None => SIGNAL_CHECK_INTERVAL,
+            };
+            let incoming = &mut delivery.incoming;
+            if py.detach(|| self.shared.wait_events(Some(slice), incoming)) > 0 {
+                break;
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) || give_up() {
+                break;
+            }
+            py.check_signals()?;
+        }
+        delivery.take_incoming();
+        Ok(())
+    }
+
+    fn deliver_pending(&self, py: Python<'_>, delivery: &mut Delivery) -> PyResult<usize> {
+        logging::flush(py)?;
+        // Answers given by these callbacks leave in one write per session.
+        let writes = WriteBatch::begin();
+        let mut run = Run::default();
+        let (mut delivered, mut flushed_at) = (0, 0);
+        while let Some(event) = delivery.pending.pop_front() {
+            // What poll() reports: one per connect, packet, write, disconnect.
+            delivered += match &event {
+                Event::Packets { packets, .. } => packets.len(),
+                _ => 1,
+            };
+            if let Err(error) = self.deliver(py, event, &mut run, &mut delivery.pending) {
+                run.end();
+                return Err(error);
+            }
+            if delivered - flushed_at >= WRITE_BATCH_EVENTS {
+                run.end();
+                writes.flush(delivered - flushed_at);
+                flushed_at = delivered;
+            }
+        }
+        run.end();
+        // A batch that needed an intermediate flush was not light, whatever its tail.
+        writes.flush(if flushed_at > 0 { WRITE_BATCH_EVENTS } else { delivered });
+        drop(writes);
+        logging::flush(py)?;
+        Ok(delivered)
+    }
+
+    /// Runs one event's callback. Only a BaseException that is not an Exception
+    /// (KeyboardInterrupt, SystemExit) comes back as an error: it stops `poll`.
+    /// An error in the middle of a packet run puts the rest of the run back
+    /// at the front of `pending`, for the next `poll`.
+    fn deliver(
+        &self,
+        py: Python<'_>,
+        event: Event,
+        run: &mut Run,
+        pending: &mut VecDeque<Event>,
+    ) -> PyResult<()> {
+        match event {
+            Event::Connected { session } => {
+                run.end();
+                self.connected(py, session)
+            }
+            Event::Packets { session, packets } => {
+                let Some(current) = self.receiving(py, run, session, packets.byte_len()) else {
+                    self.lock_inbox().discard(packets.len() as u64, packets.byte_len(), 1);
+                    return Ok(());
+                };
+                let Some(object) = current.object.as_ref().map(|o| o.clone_ref(py)) else { return Ok(()) };
+                let object = object.bind(py);
+                let handle = current.handle.clone();
+                for (delivered, (packet_id, payload)) in packets.iter().enumerate() {
+                    // A callback may have closed the session: the rest is not wanted.
+                    if !handle.delivers() {
+                        self.shared.count_discarded((packets.len() - delivered) as u64);
+                        break;
+                    }
+                    let result = callback::on_recv_packet(object, packet_id, PyBytes::new(py, payload));
+                    if let Err(error) = self.check(py, result, &handle, "on_recv_packet") {
+                        let rest = packets.skip(delivered + 1);
+                        if !rest.is_empty() {
+                            // Still owed to the reader's backlog: the requeued
+                            // rest releases itself (and the event) when delivered.
+                            let received = &mut run.current.as_mut().expect("entered").received;
+                            received.0 -= rest.byte_len();
+                            received.1 -= 1;
+                            pending.push_front(Event::Packets { session, packets: rest });
+                        }
+                        return Err(error);
+                    }
+                }
+                Ok(())
+            }
+            Event::Received { session, data } => self.received(py, run, session, data),
+            Event::Sent { session, nbytes } => {
+                // Reported for every write, also after a local close: the sum
+                // of on_send is what the kernel took.
+                let Some(Current { object: Some(object), handle, .. }) = self.enter(py, run, session) else {
+                    return Ok(());
+                };
+                let (object, handle) = (object.clone_ref(py), handle.clone());
+                let result = callback::on_send(object.bind(py), nbytes);
+                self.check(py, result, &handle, "on_send")
+            }
+            Event::Disconnected { session, reason } => {
+                run.end();
+                self.lock_unconsumed().remove(&session);
+                let known = self.lock_inbox().remove(session);
+                let Some(known) = known else { return Ok(()) };
+                let Some(object) = known.state else { return Ok(()) };
+                let reason = self.reason(py, reason)?;
+                let result = callback::on_disconnected(object.bind(py), reason);
+                self.check(py, result, &known.handle, "on_disconnected")
+            }
+        }
+    }
+
+    /// `Connected`: the session object is made and its `on_connected` runs;
+    /// only then does the session receive broadcasts, so whatever
+    /// `on_connected` sent comes first. A session that closed before this
+    /// look is never announced.
+    fn connected(&self, py: Python<'_>, session: SessionId) -> PyResult<()> {
+        let Some(handle) = self.lock_inbox().connected(session) else { return Ok(()) };
+        let created = self.class.instantiate(py).inspect(|object| object.get().attach(handle.clone()));
+        let object = created.as_ref().ok().map(|object| object.clone().into_any().unbind());
+        self.lock_inbox().admit(handle.clone(), object);
+        let outcome = match created {
+            Ok(object) => {
+                let result = callback::on_connected(object.as_any());
+                self.check(py, result, &handle, "on_connected")
+            }
+            Err(error) => self.check::<()>(py, Err(error), &handle, "__init__"),
+        };
+        SessionInbox::announce(&handle);
+        outcome
+    }
+
+    /// Makes `session` the current run's session, looking it up only if the run
+    /// was another's. `None` if the application never knew it.
+    fn enter<'r>(&self, py: Python<'_>, run: &'r mut Run, session: SessionId) -> Option<&'r Current> {
+        if run.current.as_ref().is_none_or(|current| current.id != session) {
+            run.end();
+            let inbox = self.lock_inbox();
+            let known = inbox.get(session)?;
+            run.current = Some(Current {
+                id: session,
+                object: known.state.as_ref().map(|o| o.clone_ref(py)),
+                handle: known.handle.clone(),
+                received: (0, 0),
+            });
+        }
+        run.current.as_ref()
+    }
+
+    /// Books a received event of `len` bytes as delivered, to be released
+    /// when the run ends; the run's session, if the application knows it.
+    fn receiving<'r>(
+        &self,
+        py: Python<'_>,
+        run: &'r mut Run,
+        session: SessionId,
+        len: usize,
+    ) -> Option<&'r Current> {
+        self.enter(py, run, session)?;
+        let current = run.current.as_mut()?;
+        current.received.0 += len;
+        current.received.1 += 1;
+        Some(current)
+    }
+
+    fn received(&self, py: Python<'_>, run: &mut Run, session: SessionId, data: Bytes) -> PyResult<()> {
+        let Some(current) = self.receiving(py, run, session, data.len()) else {
+            self.lock_inbox().discard(0, data.len(), 1);
+            return Ok(());
+        };
+        let handle = current.handle.clone();
+        let Some(object) = current.object.as_ref().map(|o| o.clone_ref(py)) else { return Ok(()) };
+        if !handle.delivers() {
+            self.shared.count_discarded(1);
+            return Ok(());
+        }
+        let mut unconsumed = self.lock_unconsumed().remove(&session).unwrap_or_default();
+        unconsumed.extend_from_slice(&data);
+        let shown = PyBytes::new(py, &unconsumed);
+        let consumed = callback::on_recv(object.bind(py), shown).and_then(|consumed| {
+            let consumed: usize = consumed.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "on_recv must return how many bytes it consumed (0..{}), got {}",
+                    unconsumed.len(),
+                    consumed.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?;
+            if consumed > unconsumed.len() {
+                return Err(PyValueError::new_err(format!(
+                    "on_recv returned {consumed}, but only {} bytes were given",
+                    unconsumed.len()
+                )));
+            }
+            Ok(consumed)
+        });
+        let consumed = match consumed {
+            Ok(consumed) => consumed,
+            Err(error) => return self.check::<()>(py, Err(error), &handle, "on_recv"),
+        };
+        let _ = unconsumed.split_to(consumed);
+        let max = handle.max_packet_size();
+        if unconsumed.len() > max {
+            log::warn!(
+                target: "servercore",
+                "session {} ({}): on_recv left {} bytes unconsumed, over max_packet_size {max}",
+                handle.id(),
+                handle.peer(),
+                unconsumed.len()
+            );
+            handle.close(DisconnectReason::PacketTooLarge);
+            return Ok(());
+        }
+        if !unconsumed.is_empty() && handle.delivers() {
+            self.lock_unconsumed().insert(session, unconsumed);
+        }
+        Ok(())
+    }
+
+    /// A callback's outcome: an Exception is logged with its traceback and costs
+    /// its session (CALLBACK_ERROR); KeyboardInterrupt and SystemExit go on up.
+    fn check<T>(
+        &self,
+        py: Python<'_>,
+        result: PyResult<T>,
+        handle: &SessionHandle,
+        callback: &str,
+    ) -> PyResult<()> {
+        let Err(error) = result else { return Ok(()) };
+        if !error.is_instance_of::<PyException>(py) {
+            return Err(error);
+        }
+        logging::flush(py)?;
+        let closes = callback != "on_disconnected";
+        let message = format!(
+            "{}.{callback} raised in session {} ({}){}",
+            self.class.name(py),
+            handle.id(),
+            handle.peer(),
+            if closes { "; disconnecting it with CALLBACK_ERROR" } else { "" }
+        );
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("exc_info", error.into_value(py))?;
+        logging::logger(py)?.call_method(intern!(py, "error"), (message,), Some(&kwargs))?;
+        if closes {
+            handle.close(DisconnectReason::CallbackError);
+        }
+        Ok(())
+    }
+
+    /// The `DisconnectReason` enum member for `reason`.
+    fn reason<'py>(&self, py: Python<'py>, reason: DisconnectReason) -> PyResult<Bound<'py, PyAny>> {
+        let members = self.reasons.get_or_try_init(py, || -> PyResult<_> {
+            let enum_type = py.import("servercore._reason")?.getattr("DisconnectReason")?;
+            DisconnectReason::ALL.iter().map(|r| Ok(enum_type.call1((r.code(),))?.unbind())).collect()
+        })?;
+        Ok(members[usize::from(reason.code() - 1)].bind(py).clone())
+    }
+
+    /// For the garbage collector: the session objects this service holds.
+    pub fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // A collection that runs while the inbox is locked skips it: it is
+        // locked only for a lookup, never across Python code that could drop
+        // the last outside reference.
+        if let Ok(inbox) = self.inbox.try_lock() {
+            for (_, known) in inbox.iter() {
+                visit.call(&known.state)?;
+            }
+        }
+        visit.call(self.class.cls())
+    }
+
+    /// Forgets every session object: the service is being collected.
+    pub fn forget_sessions(&self) -> Vec<Py<PyAny>> {
+        self.lock_inbox().clear().into_iter().filter_map(|known| known.state).collect()
+    }
+
+    fn lock_inbox(&self) -> MutexGuard<'_, SessionInbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_unconsumed(&self) -> MutexGuard<'_, FxHashMap<SessionId, BytesMut>> {
+        self.unconsumed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
