@@ -20,40 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from servercore import DisconnectReason, PacketSession, SendBuffer
-from support import RawPeer, packet, poll_until
+from servercore import DisconnectReason, PacketSession
+from support import SEQ, RawPeer, packet, poll_until, recorder, rss_bytes
 
-SEQ = struct.Struct("<I")
 SERVER_SCRIPT = Path(__file__).with_name("server_process.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+ECHO_ID = 7  # the recorder, and tests/server_process.py, echo packets of this id
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def recorder():
-    class Recorder(PacketSession):
-        reasons: dict[int, DisconnectReason] = {}
-        closed_at: dict[int, float] = {}
-
-        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
-            if packet_id == 7:
-                self.send(7, payload)
-
-        def on_disconnected(self, reason: DisconnectReason) -> None:
-            Recorder.reasons[self.id] = reason
-            Recorder.closed_at[self.id] = time.monotonic()
-
-    return Recorder
 
 
 class SequenceWatcher:
@@ -103,7 +80,7 @@ def broadcast_for(server, seconds: float, interval: float, start: int = 0) -> in
 
 
 def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(start_server, raw_peers):
-    Recorder = recorder()
+    Recorder = recorder(echo={ECHO_ID})
     server = start_server(Recorder, packet_timeout=1.0)
     honest = SequenceWatcher(server.port)
     try:
@@ -117,9 +94,9 @@ def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(sta
         accepted_in = time.monotonic()
         poll_until(server, lambda: len(server) == 202, message=lambda: f"{len(server)} sessions")
         accepted_in = time.monotonic() - accepted_in
-        late.send(packet(7, b"ping"))
+        late.send(packet(ECHO_ID, b"ping"))
         broadcast_for(server, 0.3, 0.02)
-        assert late.recv_packet_with_id(7) == b"ping"
+        assert late.recv_packet_with_id(ECHO_ID) == b"ping"
         sequence = broadcast_for(server, 2.2, 0.02, start=100)
 
         timed_out = [r for r in Recorder.reasons.values() if r is DisconnectReason.PACKET_TIMEOUT]
@@ -135,12 +112,10 @@ def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(sta
         honest.close()
 
 
-def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bounded(start_server):
-    Recorder = recorder()
+def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bounded(start_server, raw_peers):
+    Recorder = recorder(echo={ECHO_ID})
     server = start_server(Recorder, max_send_queue_bytes=1 << 20)
-    never_reads = socket.socket()
-    never_reads.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    never_reads.connect(("127.0.0.1", server.port))
+    raw_peers(server.port, rcvbuf=4096)  # never reads
     reader = SequenceWatcher(server.port)
     try:
         poll_until(server, lambda: len(server) == 2)
@@ -166,12 +141,11 @@ def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bou
         reader.assert_no_sequence_gap()
         assert len(server) == 1, "the reader is still connected"
     finally:
-        never_reads.close()
         reader.close()
 
 
 def test_a_flooding_peer_does_not_starve_the_others(start_server, raw_peers):
-    Recorder = recorder()
+    Recorder = recorder(echo={ECHO_ID})
     server = start_server(Recorder)
     honest = SequenceWatcher(server.port)
     flooder = raw_peers(server.port)
@@ -253,8 +227,8 @@ def test_running_out_of_descriptors_does_not_spin_and_accepts_resume(tmp_path):
         time.sleep(1.5)  # the server's backoff is at most a second
         fresh = RawPeer(port)
         peers.append(fresh)
-        fresh.send(packet(7, b"back"))
-        assert fresh.recv_packet_with_id(7) == b"back"
+        fresh.send(packet(ECHO_ID, b"back"))
+        assert fresh.recv_packet_with_id(ECHO_ID) == b"back"
         assert process.poll() is None
         first.close()
     finally:
@@ -288,8 +262,8 @@ def test_sigpipe_at_its_default_does_not_kill_a_server_writing_to_reset_peers(tm
             time.sleep(0.3)
             assert process.poll() is None, f"the server died: exit {process.returncode}"
         survivor = RawPeer(port)
-        survivor.send(packet(7, b"alive"))
-        assert survivor.recv_packet_with_id(7) == b"alive"
+        survivor.send(packet(ECHO_ID, b"alive"))
+        assert survivor.recv_packet_with_id(ECHO_ID) == b"alive"
         survivor.close()
         assert process.poll() is None
     finally:
@@ -299,7 +273,20 @@ def test_sigpipe_at_its_default_does_not_kill_a_server_writing_to_reset_peers(tm
 
 def test_a_long_churn_of_connections_leaves_nothing_behind(start_server):
     cycles = int(os.environ.get("SERVERCORE_SOAK_CYCLES", "100000"))
-    Recorder = recorder()
+
+    class Recorder(PacketSession):
+        """Records only each session's reason: support.recorder() keeps more per
+        session, which would be counted in the RSS this test measures."""
+
+        reasons: dict[int, DisconnectReason] = {}
+
+        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+            if packet_id == ECHO_ID:
+                self.send(packet_id, payload)
+
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            Recorder.reasons[self.id] = reason
+
     server = start_server(Recorder, linger=0.1)
     done = threading.Event()
     failures: list[BaseException] = []
@@ -311,7 +298,7 @@ def test_a_long_churn_of_connections_leaves_nothing_behind(start_server):
                 sock = socket.socket()
                 sock.connect(("127.0.0.1", server.port))
                 if rng.random() < 0.1:
-                    sock.sendall(packet(7, b"hi"))
+                    sock.sendall(packet(ECHO_ID, b"hi"))
                 if rng.random() < 0.5:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()

@@ -11,46 +11,12 @@ A peer that does not read costs only its own session (SEND_QUEUE_FULL).
 from __future__ import annotations
 
 import gc
-import struct
 import time
 
 import pytest
 
 from servercore import DisconnectReason, PacketSession, SendBuffer
-from support import RawPeer, packet, poll_until
-
-SEQ = struct.Struct("<I")
-
-
-def recorder():
-    """A fresh PacketSession class that records its sessions and how they ended."""
-
-    class Recorder(PacketSession):
-        sessions: list[Recorder] = []
-        reasons: dict[int, DisconnectReason] = {}
-
-        def on_connected(self) -> None:
-            Recorder.sessions.append(self)
-
-        def on_disconnected(self, reason: DisconnectReason) -> None:
-            Recorder.reasons[self.id] = reason
-
-    return Recorder
-
-
-def connect(server, raw_peers, count: int = 1) -> list[RawPeer]:
-    """Connects `count` RawPeers and waits until each session got on_connected."""
-    before = len(server)
-    peers = [raw_peers(server.port) for _ in range(count)]
-    poll_until(server, lambda: len(server) == before + count, message=lambda: f"{len(server)} sessions")
-    return peers
-
-
-def session_of(server, peer: RawPeer):
-    """The server-side session of `peer` (matched by the peer's local port)."""
-    local = peer.sock.getsockname()
-    (session,) = [s for s in server.sessions if tuple(s.peer) == (local[0], local[1])]
-    return session
+from support import SEQ, connect, packet, poll_until, recorder, session_of
 
 
 # --- send: order and integrity --------------------------------------------------
@@ -455,29 +421,21 @@ def test_a_peer_that_never_reads_is_disconnected_with_send_queue_full_while_othe
     assert server.stats()["disconnects"]["SEND_QUEUE_FULL"] == 1
 
 
-def test_send_queue_bytes_shows_how_far_a_peer_is_behind(start_server):
-    import socket as _socket
-
+def test_send_queue_bytes_shows_how_far_a_peer_is_behind(start_server, raw_peers):
     class Game(PacketSession):
         pass
 
     server = start_server(Game, max_send_queue_bytes=64 << 20)
-    lagging = _socket.socket()
-    lagging.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
-    lagging.connect(("127.0.0.1", server.port))
-    try:
-        poll_until(server, lambda: len(server) == 1)
-        (session,) = server.sessions
-        assert session.send_queue_bytes == 0
-        sent = 0
-        # Until the kernel's buffers (which autotune to megabytes) are full.
-        while session.send_queue_bytes == 0 and sent < 32_000:
-            session.send(1, b"\0" * 1000)
-            sent += 1
-        server.poll(0.1)
-        behind = session.send_queue_bytes
-        assert 0 < behind <= sent * 1004
-        assert server.stats()["send_queue_bytes"] == behind
-        assert session.connected
-    finally:
-        lagging.close()
+    connect(server, raw_peers, rcvbuf=4096)  # a peer that never reads
+    (session,) = server.sessions
+    assert session.send_queue_bytes == 0
+    sent = 0
+    # Until the kernel's buffers (which autotune to megabytes) are full.
+    while session.send_queue_bytes == 0 and sent < 32_000:
+        session.send(1, b"\0" * 1000)
+        sent += 1
+    server.poll(0.1)
+    behind = session.send_queue_bytes
+    assert 0 < behind <= sent * 1004
+    assert server.stats()["send_queue_bytes"] == behind
+    assert session.connected
