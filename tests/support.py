@@ -144,6 +144,20 @@ class RawPeer:
         data, self.buffer = self.buffer[:count], self.buffer[count:]
         return data
 
+    def recv_until_closed(self) -> tuple[list[tuple[int, bytes]], str]:
+        """Every packet until the server closes, and how it closed: "EOF" or
+        "reset" (or "timeout" if the socket's timeout passed first)."""
+        packets = []
+        try:
+            while True:
+                packets.append(self.recv_packet())
+        except ConnectionResetError:
+            return packets, "reset"
+        except ConnectionError:
+            return packets, "EOF"
+        except TimeoutError:
+            return packets, "timeout"
+
     def wait_closed(self, timeout: float = 5.0) -> bool:
         """True once the server has closed the connection (EOF or reset) within `timeout`."""
         self.sock.settimeout(timeout)

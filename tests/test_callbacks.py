@@ -7,11 +7,15 @@ can rely on", 7).
   comes out of poll().
 - What game code naturally does in on_disconnected (send, disconnect,
   broadcast to the others) is harmless.
+- Callbacks are looked up like Python attributes: one assigned on the
+  instance, or patched on the class after the server was created, is the one
+  that runs.
 """
 
 from __future__ import annotations
 
 import logging
+from unittest import mock
 
 import pytest
 
@@ -144,3 +148,50 @@ def test_sending_disconnecting_and_broadcasting_from_on_disconnected_is_harmless
     assert outcomes == [(False, False, 2)]
     assert sorted(packet_id for _, packet_id, _ in heard) == [2, 2]
     assert len(server) == 2
+
+
+# --- callbacks are looked up like attributes -------------------------------------------
+
+
+def test_a_callback_assigned_on_the_instance_is_honoured_for_that_sessions_next_packets(start_server, raw_peers):
+    heard: list[tuple[str, int, bytes]] = []
+
+    class Game(PacketSession):
+        def on_connected(self):
+            self.on_recv_packet = self.in_lobby  # a state machine by rebinding the handler
+
+        def on_recv_packet(self, packet_id, payload):
+            heard.append(("class", packet_id, payload))
+
+        def in_lobby(self, packet_id, payload):
+            heard.append(("lobby", packet_id, payload))
+            self.send(packet_id, payload)
+
+    server = start_server(Game)
+    peer = raw_peers(server.port)
+    poll_until(server, lambda: len(server) == 1)
+    peer.send(packet(1, b"join") + packet(2, b"ready"))
+    poll_until(server, lambda: len(heard) == 2)
+    assert heard == [("lobby", 1, b"join"), ("lobby", 2, b"ready")], heard
+    assert [peer.recv_packet(), peer.recv_packet()] == [(1, b"join"), (2, b"ready")]
+
+
+def test_a_callback_patched_on_the_class_after_the_server_was_created_is_honoured(start_server, raw_peers):
+    heard: list[tuple[str, int, bytes]] = []
+
+    class GameSession(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            heard.append(("original", packet_id, payload))
+
+    def patched(self, packet_id, payload):
+        heard.append(("patched", packet_id, payload))
+
+    server = start_server(GameSession)
+    with mock.patch.object(GameSession, "on_recv_packet", patched):
+        peer = raw_peers(server.port)
+        peer.send(packet(3, b"x"))
+        poll_until(server, lambda: heard)
+    assert heard == [("patched", 3, b"x")]
+    peer.send(packet(4, b"y"))  # and unpatched again
+    poll_until(server, lambda: len(heard) == 2)
+    assert heard == [("patched", 3, b"x"), ("original", 4, b"y")]

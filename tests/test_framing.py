@@ -211,6 +211,17 @@ def test_a_subclass_of_a_packet_session_subclass_cannot_define_on_recv_either():
     assert issubclass(Fine, PacketSession)
 
 
+def test_a_packet_session_subclass_that_gets_on_recv_from_a_mixin_is_rejected_when_defined():
+    class RawHandling:
+        def on_recv(self, data: bytes) -> int:
+            return len(data)
+
+    with pytest.raises(TypeError, match="on_recv_packet"):
+
+        class Sneaky(RawHandling, PacketSession):
+            pass
+
+
 # --- raw Session: on_recv and its return value ----------------------------------
 
 

@@ -2,9 +2,14 @@
 
 Per session: on_connected first, then its packets in arrival order, then
 on_disconnected last and exactly once. Nothing follows on_disconnected.
+
+What on_connected sends reaches the peer before anything broadcast to it.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 from servercore import DisconnectReason, PacketSession
 
@@ -54,3 +59,43 @@ def test_each_session_sees_connected_then_packets_in_order_then_disconnected_onc
     assert len(client_ends) == 20
     assert all(reasons == [DisconnectReason.CLOSED_LOCALLY] for reasons in client_ends.values())
     assert len(server) == 0 and len(client) == 0
+
+
+# --- what on_connected sends comes first ---------------------------------------------
+
+
+def test_what_on_connected_sends_reaches_the_peer_before_any_broadcast(start_server, raw_peers):
+    WELCOME, TICK = 1, 2
+
+    class Game(PacketSession):
+        welcomed = 0
+
+        def on_connected(self):
+            time.sleep(0.02)  # game code that takes a moment (the GIL is free meanwhile)
+            self.send(WELCOME, b"hi")
+            Game.welcomed += 1
+
+    server = start_server(Game)
+    stop = threading.Event()
+    broadcasts = 0
+
+    def tick_all_the_time() -> None:
+        nonlocal broadcasts
+        while not stop.is_set():
+            server.broadcast(TICK, b"t")
+            broadcasts += 1
+
+    ticker = threading.Thread(target=tick_all_the_time, daemon=True)
+    ticker.start()
+    first_packets = []
+    try:
+        for n in range(10):
+            peer = raw_peers(server.port)
+            poll_until(server, lambda: Game.welcomed == n + 1, message=f"peer {n} not connected")
+            first_packets.append(peer.recv_packet())
+    finally:
+        stop.set()
+        ticker.join(5)
+    assert broadcasts > 0
+    firsts = [packet_id for packet_id, _ in first_packets]
+    assert firsts == [WELCOME] * 10, f"first packets: {firsts} ({WELCOME} is WELCOME, {TICK} a broadcast)"

@@ -7,10 +7,13 @@
 - send, broadcast and disconnect never call back into Python, inside a
   callback or outside one; poll() and run_forever() cannot be re-entered from
   a callback.
+- A long poll() notices Ctrl-C (SIGINT) within about 100 ms.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -219,3 +222,29 @@ def test_calling_poll_from_inside_a_callback_raises_runtime_error(start_server, 
     # The outer poll still works afterwards.
     peer.send(packet(2))
     poll_until(server, lambda: finished == [1, 2])
+
+
+# --- Ctrl-C -----------------------------------------------------------------------
+
+
+def test_a_long_poll_notices_ctrl_c_within_about_100_ms(start_server):
+    server = start_server(PacketSession)
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    killer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    interrupted_after = None
+    started = time.monotonic()
+    try:
+        try:
+            killer.start()
+            server.poll(20)
+        except KeyboardInterrupt:
+            interrupted_after = time.monotonic() - started
+        finally:
+            killer.join(5)
+    except KeyboardInterrupt:  # the signal came after poll() returned: still ours, not pytest's
+        interrupted_after = interrupted_after or time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted_after is not None, "poll(20) returned without KeyboardInterrupt"
+    assert interrupted_after < 1.5, f"poll(20) raised KeyboardInterrupt only after {interrupted_after:.2f}s"

@@ -1,6 +1,9 @@
 """A server keeps serving through what real networks and hostile peers do:
 stalled packets, peers that never read, floods, descriptor exhaustion, SIGPIPE,
 and a long churn of connections that come and go (SECURITY.md lists each defence).
+The deadlines judge the peer, not the server: while the server itself stopped
+reading a socket because the application is behind, packet_timeout and
+idle_timeout do not run.
 
 Every test attacks a real server over loopback and checks both the attacker's
 outcome and what the honest bystanders saw.
@@ -8,6 +11,7 @@ outcome and what the honest bystanders saw.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -21,7 +25,9 @@ from pathlib import Path
 import pytest
 
 from servercore import DisconnectReason, PacketSession
-from support import SEQ, RawPeer, packet, poll_until, recorder, rss_bytes
+from support import (
+    SEQ, RawPeer, connect, local_port, packet, poll_until, recorder, rss_bytes, send_ignoring_close,
+)
 
 SERVER_SCRIPT = Path(__file__).with_name("server_process.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -110,6 +116,100 @@ def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(sta
         assert len(server) == 2
     finally:
         honest.close()
+
+
+# The deadlines (packet_timeout, idle_timeout) judge the peer. While the server
+# itself stopped reading a socket because the application is behind
+# (max_pending_recv_bytes), the peer is not late: the test above is the control,
+# a real slowloris cut while the application polls normally.
+
+
+def warnings_about(caplog, peer: RawPeer) -> list[str]:
+    address = f"127.0.0.1:{local_port(peer)}"
+    return [
+        r.getMessage() for r in caplog.records
+        if r.name == "servercore" and r.levelno >= logging.WARNING and address in r.getMessage()
+    ]
+
+
+def test_packets_the_server_paused_reading_for_are_not_cut_by_packet_timeout(start_server, raw_peers, caplog):
+    caplog.set_level(logging.DEBUG, logger="servercore")
+    Recorder = recorder()
+    server = start_server(Recorder, max_pending_recv_bytes=16 * 1024, packet_timeout=1.0)
+    (peer,) = connect(server, raw_peers)
+    session_id = Recorder.ids_by_port[local_port(peer)]
+    sent = [(1, SEQ.pack(i) + bytes([i % 251]) * 996) for i in range(200)]  # 1004-byte packets
+    wire = b"".join(packet(packet_id, payload) for packet_id, payload in sent)
+    sender = threading.Thread(target=send_ignoring_close, args=(peer, wire), daemon=True)
+    sender.start()
+    try:
+        time.sleep(2.5)  # the application is busy: no poll() for longer than packet_timeout
+        poll_until(
+            server,
+            lambda: len(Recorder.received[session_id]) >= 200 or session_id in Recorder.reasons,
+            timeout=5,
+            message=lambda: f"{len(Recorder.received[session_id])} of 200 packets delivered",
+        )
+        server.poll(0.05)
+    finally:
+        sender.join(5)
+    got = Recorder.received[session_id]
+    assert session_id not in Recorder.reasons, (
+        f"disconnected with {Recorder.reasons[session_id].name} after {len(got)} of 200 packets; "
+        f"logged: {warnings_about(caplog, peer)}"
+    )
+    assert got == sent
+    assert warnings_about(caplog, peer) == []
+    assert not [r for r in caplog.records if "PACKET_TIMEOUT" in r.getMessage()]
+
+
+@pytest.mark.parametrize("burst", [pytest.param(0, id="steady"), pytest.param(80, id="burst-first")])
+def test_a_peer_the_server_paused_reading_is_not_cut_by_idle_timeout(burst, start_server, raw_peers, caplog):
+    """A peer sends a 100-byte packet every 100 ms (after `burst` packets at once,
+    which by themselves pass max_pending_recv_bytes); the application stalls 3 s."""
+    caplog.set_level(logging.DEBUG, logger="servercore")
+    Recorder = recorder()
+    server = start_server(Recorder, max_pending_recv_bytes=4096, idle_timeout=1.0, packet_timeout=None)
+    (peer,) = connect(server, raw_peers)
+    session_id = Recorder.ids_by_port[local_port(peer)]
+    stop = threading.Event()
+    sent = 0
+
+    def heartbeat() -> None:
+        nonlocal sent
+        if burst:
+            send_ignoring_close(peer, b"".join(packet(1, SEQ.pack(n) + bytes(92)) for n in range(burst)))
+            sent = burst
+        while not stop.wait(0.1):
+            try:
+                peer.send(packet(1, SEQ.pack(sent) + bytes(92)))
+            except OSError:
+                return
+            sent += 1
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        time.sleep(3.0)  # the application is busy: no poll()
+        sent_before_polling = sent
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and session_id not in Recorder.reasons:
+            server.poll(0.02)
+        sent_by_the_end = sent
+    finally:
+        stop.set()
+        thread.join(5)
+    got = [SEQ.unpack_from(payload)[0] for _, payload in Recorder.received[session_id]]
+    assert session_id not in Recorder.reasons, (
+        f"disconnected with {Recorder.reasons[session_id].name} after {len(got)} packets; "
+        f"logged: {warnings_about(caplog, peer)}"
+    )
+    assert got == list(range(len(got))), "packets lost or out of order"
+    assert len(got) >= sent_before_polling + 5, (
+        f"packets stopped flowing: {len(got)} delivered, {sent_before_polling} sent before polling resumed, "
+        f"{sent_by_the_end} by the end"
+    )
+    assert warnings_about(caplog, peer) == []
 
 
 def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bounded(start_server, raw_peers):
