@@ -54,12 +54,13 @@ def start_client() -> Iterator[Callable[..., Client]]:
 
 
 @pytest.fixture
-def raw_peers() -> Iterator[Callable[[int], RawPeer]]:
-    """`connect(port)` -> a RawPeer; all are closed after the test."""
+def raw_peers() -> Iterator[Callable[..., RawPeer]]:
+    """`connect(port, **options)` -> a RawPeer (see support.RawPeer); all are
+    closed after the test."""
     peers: list[RawPeer] = []
 
-    def connect(port: int) -> RawPeer:
-        peer = RawPeer(port)
+    def connect(port: int, **options: Any) -> RawPeer:
+        peer = RawPeer(port, **options)
         peers.append(peer)
         return peer
 

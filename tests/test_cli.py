@@ -12,13 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from support import free_port
+
 COMMAND = [sys.executable, "-m", "servercore"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 10.0) -> None:

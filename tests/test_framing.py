@@ -20,29 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servercore import DisconnectReason, PacketSession, Session
-from support import RawPeer, header, packet, poll_until
-
-
-def packet_recorder():
-    """A fresh PacketSession class that records what each of its sessions saw."""
-
-    class Recorder(PacketSession):
-        sessions: list[Recorder] = []
-        received: dict[int, list[tuple[int, bytes]]] = {}
-        reasons: dict[int, DisconnectReason] = {}
-
-        def on_connected(self) -> None:
-            Recorder.sessions.append(self)
-            Recorder.received[self.id] = []
-
-        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
-            Recorder.received[self.id].append((packet_id, payload))
-
-        def on_disconnected(self, reason: DisconnectReason) -> None:
-            Recorder.reasons[self.id] = reason
-
-    return Recorder
+from servercore import DisconnectReason, PacketSession
+from support import RawPeer, header, packet, poll_until, raw_recorder, recorder
 
 
 def send_in_pieces(server, peer: RawPeer, pieces: list[bytes]) -> None:
@@ -59,18 +38,18 @@ def send_in_pieces(server, peer: RawPeer, pieces: list[bytes]) -> None:
         )
 
 
-def connect_one(server, peer_factory, recorder) -> tuple[RawPeer, PacketSession]:
-    before = len(recorder.sessions)
+def connect_one(server, peer_factory, Recorder) -> tuple[RawPeer, PacketSession]:
+    before = len(Recorder.sessions)
     peer = peer_factory(server.port)
-    poll_until(server, lambda: len(recorder.sessions) == before + 1, message="no on_connected")
-    return peer, recorder.sessions[-1]
+    poll_until(server, lambda: len(Recorder.sessions) == before + 1, message="no on_connected")
+    return peer, Recorder.sessions[-1]
 
 
 # --- PacketSession: split and merged packets ----------------------------------
 
 
 def test_a_packet_sent_byte_by_byte_arrives_whole_and_once(start_server, raw_peers):
-    Recorder = packet_recorder()
+    Recorder = recorder()
     server = start_server(Recorder)
     peer, session = connect_one(server, raw_peers, Recorder)
     wire = packet(7, b"hello, world")
@@ -88,7 +67,7 @@ def test_a_packet_sent_byte_by_byte_arrives_whole_and_once(start_server, raw_pee
 
 
 def test_a_header_split_in_the_middle_waits_for_its_second_half(start_server, raw_peers):
-    Recorder = packet_recorder()
+    Recorder = recorder()
     server = start_server(Recorder)
     peer, session = connect_one(server, raw_peers, Recorder)
     wire = packet(0x0302, b"payload")
@@ -108,7 +87,7 @@ def test_a_header_split_in_the_middle_waits_for_its_second_half(start_server, ra
 def test_the_tail_of_one_packet_and_the_head_of_the_next_in_one_read_make_two_packets(
     start_server, raw_peers
 ):
-    Recorder = packet_recorder()
+    Recorder = recorder()
     server = start_server(Recorder)
     peer, session = connect_one(server, raw_peers, Recorder)
     first, second = packet(1, b"A" * 100), packet(2, b"B" * 50)
@@ -122,7 +101,7 @@ def test_the_tail_of_one_packet_and_the_head_of_the_next_in_one_read_make_two_pa
 
 
 def test_many_packets_in_one_write_all_arrive_in_order(start_server, raw_peers):
-    Recorder = packet_recorder()
+    Recorder = recorder()
     server = start_server(Recorder)  # max_packet_size 4096 by default
     peer, session = connect_one(server, raw_peers, Recorder)
     expected = [(i % 65536, i.to_bytes(4, "little") * (i % 7)) for i in range(500)]
@@ -145,7 +124,7 @@ def test_many_packets_in_one_write_all_arrive_in_order(start_server, raw_peers):
 
 
 def test_size_counts_the_four_header_bytes(start_server, raw_peers):
-    Recorder = packet_recorder()
+    Recorder = recorder()
     server = start_server(Recorder, max_packet_size=64)
     peer, session = connect_one(server, raw_peers, Recorder)
 
@@ -161,7 +140,7 @@ def test_size_counts_the_four_header_bytes(start_server, raw_peers):
 
 
 def test_random_packets_split_at_random_points_arrive_exactly_as_sent(start_server):
-    Recorder = packet_recorder()
+    Recorder = recorder()
     server = start_server(Recorder, max_packet_size=1024)
 
     packets_strategy = st.lists(
@@ -232,28 +211,18 @@ def test_a_subclass_of_a_packet_session_subclass_cannot_define_on_recv_either():
     assert issubclass(Fine, PacketSession)
 
 
+def test_a_packet_session_subclass_that_gets_on_recv_from_a_mixin_is_rejected_when_defined():
+    class RawHandling:
+        def on_recv(self, data: bytes) -> int:
+            return len(data)
+
+    with pytest.raises(TypeError, match="on_recv_packet"):
+
+        class Sneaky(RawHandling, PacketSession):
+            pass
+
+
 # --- raw Session: on_recv and its return value ----------------------------------
-
-
-def raw_recorder(consume):
-    """A fresh raw Session class whose on_recv records `data` and returns `consume(data)`."""
-
-    class Raw(Session):
-        sessions: list[Raw] = []
-        calls: list[bytes] = []
-        reasons: list[DisconnectReason] = []
-
-        def on_connected(self) -> None:
-            Raw.sessions.append(self)
-
-        def on_recv(self, data):
-            Raw.calls.append(data)
-            return consume(data)
-
-        def on_disconnected(self, reason: DisconnectReason) -> None:
-            Raw.reasons.append(reason)
-
-    return Raw
 
 
 def connect_raw(server, raw_peers, Raw) -> RawPeer:
@@ -330,9 +299,9 @@ def test_on_recv_returning_an_impossible_count_disconnects_with_callback_error_a
 
     with caplog.at_level(logging.ERROR, logger="servercore"):
         peer.send(b"hello")
-        poll_until(server, lambda: Raw.reasons, message="session was not disconnected")
+        poll_until(server, lambda: Raw.ended, message="session was not disconnected")
 
-    assert Raw.reasons == [DisconnectReason.CALLBACK_ERROR]
+    assert Raw.ended == [DisconnectReason.CALLBACK_ERROR]
     assert peer.wait_closed(5.0)
     errors = [r for r in caplog.records if r.name == "servercore" and r.levelno >= logging.ERROR]
     assert errors, "no error logged to the 'servercore' logger"
@@ -350,11 +319,11 @@ def test_unconsumed_bytes_beyond_max_packet_size_disconnect_with_packet_too_larg
     send_in_pieces(server, peer, [b"x" * 40, b"y" * 24])  # exactly 64 kept: still fine
     poll_until(server, lambda: len(Raw.calls) >= 2, message="on_recv not called")
     server.poll(0.05)
-    assert Raw.reasons == []
+    assert Raw.ended == []
     assert Raw.sessions[0].connected
 
     peer.send(b"z")  # 65 unconsumed
-    poll_until(server, lambda: Raw.reasons, message="session was not disconnected")
-    assert Raw.reasons == [DisconnectReason.PACKET_TOO_LARGE]
+    poll_until(server, lambda: Raw.ended, message="session was not disconnected")
+    assert Raw.ended == [DisconnectReason.PACKET_TOO_LARGE]
     assert peer.wait_closed(5.0)
     assert server.stats()["disconnects"]["PACKET_TOO_LARGE"] == 1

@@ -11,51 +11,16 @@ from __future__ import annotations
 
 import logging
 import random
-import struct
 import time
 
 import pytest
 
 from servercore import DisconnectReason, PacketSession
 
-from support import RawPeer, header, packet, poll_until
+from support import SEQ, RawPeer, header, local_port, packet, poll_until, recorder, send_ignoring_close
 
-SEQ = struct.Struct("<I")
 BROADCAST_ID = 1
-
-
-def make_recorder():
-    """A session class that records, per session id, packets and disconnects."""
-    packets: dict[int, list[tuple[int, bytes]]] = {}
-    disconnects: dict[int, list[DisconnectReason]] = {}
-    ids_by_port: dict[int, int] = {}
-
-    class Recorder(PacketSession):
-        def on_connected(self):
-            ids_by_port[self.peer[1]] = self.id
-            packets[self.id] = []
-
-        def on_recv_packet(self, packet_id, payload):
-            packets[self.id].append((packet_id, payload))
-            if packet_id == 7:
-                self.send(packet_id, payload)  # echo on request
-
-        def on_disconnected(self, reason):
-            disconnects.setdefault(self.id, []).append(reason)
-
-    return Recorder, packets, disconnects, ids_by_port
-
-
-def local_port(peer) -> int:
-    return peer.sock.getsockname()[1]
-
-
-def send_ignoring_close(peer, data: bytes) -> None:
-    """The server may cut the attacker while it is still sending."""
-    try:
-        peer.send(data)
-    except OSError:
-        pass
+ECHO_ID = 7  # the recorder echoes packets of this id
 
 
 def read_sequence(peer, count: int) -> list[int]:
@@ -67,13 +32,13 @@ def read_sequence(peer, count: int) -> list[int]:
     return received
 
 
-def attack_during_broadcast(server, state, honest, attacker, attack: bytes, allowed_reasons, close_within=1.0):
+def attack_during_broadcast(server, Recorder, honest, attacker, attack: bytes, allowed_reasons, close_within=1.0):
     """Broadcasts a numbered sequence before, during and after the attack.
 
     Returns (attacker session id, broadcasts sent). Fails if the attacker's
     session is not disconnected within `close_within` seconds.
     """
-    _, packets, disconnects, ids_by_port = state
+    packets, disconnects, ids_by_port = Recorder.received, Recorder.disconnects, Recorder.ids_by_port
     poll_until(server, lambda: local_port(honest) in ids_by_port and local_port(attacker) in ids_by_port)
     attacker_id = ids_by_port[local_port(attacker)]
     seq = 0
@@ -123,13 +88,13 @@ MALFORMED = [
 @pytest.mark.parametrize(("attack", "options", "reason"), MALFORMED)
 def test_a_malformed_header_closes_only_the_attacker(attack, options, reason, start_server, raw_peers, caplog):
     caplog.set_level(logging.WARNING, logger="servercore")
-    state = make_recorder()
-    Recorder, packets, disconnects, ids_by_port = state
+    Recorder = recorder(echo={ECHO_ID})
+    packets, disconnects, ids_by_port = Recorder.received, Recorder.disconnects, Recorder.ids_by_port
     server = start_server(Recorder, **options)
     honest = raw_peers(server.port)
     attacker = raw_peers(server.port)
 
-    attacker_id, _ = attack_during_broadcast(server, state, honest, attacker, attack, {reason})
+    attacker_id, _ = attack_during_broadcast(server, Recorder, honest, attacker, attack, {reason})
 
     assert disconnects[attacker_id] == [reason]
     assert packets[attacker_id] == [(2, b"fine")], "the offending bytes reached on_recv_packet"
@@ -147,8 +112,8 @@ def test_a_malformed_header_closes_only_the_attacker(attack, options, reason, st
 
 
 def test_a_size_zero_header_does_not_spin_the_server(start_server, raw_peers):
-    state = make_recorder()
-    Recorder, packets, disconnects, ids_by_port = state
+    Recorder = recorder(echo={ECHO_ID})
+    packets, disconnects, ids_by_port = Recorder.received, Recorder.disconnects, Recorder.ids_by_port
     server = start_server(Recorder, io_threads=1)
     honest = raw_peers(server.port)
     attacker = raw_peers(server.port)
@@ -163,11 +128,11 @@ def test_a_size_zero_header_does_not_spin_the_server(start_server, raw_peers):
 
     # With one I/O thread, a spinning reader would starve the honest peer.
     for n in range(20):
-        honest.send(packet(7, SEQ.pack(n)))
+        honest.send(packet(ECHO_ID, SEQ.pack(n)))
         started = time.monotonic()
         poll_until(server, lambda: len(packets[ids_by_port[local_port(honest)]]) == n + 1, timeout=1.0)
         honest.sock.settimeout(1.0)
-        assert honest.recv_packet() == (7, SEQ.pack(n))
+        assert honest.recv_packet() == (ECHO_ID, SEQ.pack(n))
         assert time.monotonic() - started < 1.0
 
     # Nothing keeps burning CPU once the attacker is gone.
@@ -184,14 +149,14 @@ def test_a_size_zero_header_does_not_spin_the_server(start_server, raw_peers):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 2024, 14558, 14792])
 def test_random_garbage_closes_the_attacker_and_spares_honest_peers(seed, start_server, raw_peers):
     garbage = random.Random(seed).randbytes(10 * 1024)
-    state = make_recorder()
-    Recorder, packets, disconnects, ids_by_port = state
+    Recorder = recorder(echo={ECHO_ID})
+    packets, disconnects, ids_by_port = Recorder.received, Recorder.disconnects, Recorder.ids_by_port
     server = start_server(Recorder, packet_timeout=0.5)
     honest = raw_peers(server.port)
     attacker = raw_peers(server.port)
 
     attacker_id, _ = attack_during_broadcast(
-        server, state, honest, attacker, garbage,
+        server, Recorder, honest, attacker, garbage,
         {DisconnectReason.INVALID_HEADER, DisconnectReason.PACKET_TOO_LARGE, DisconnectReason.PACKET_TIMEOUT},
         close_within=1.5,
     )
@@ -204,14 +169,14 @@ def test_random_garbage_closes_the_attacker_and_spares_honest_peers(seed, start_
 def test_garbage_ending_in_a_started_packet_is_cut_by_packet_timeout(start_server, raw_peers):
     rng = random.Random(7)
     garbage = header(4000, 9) + rng.randbytes(2000)  # the rest of the packet never comes
-    state = make_recorder()
-    Recorder, packets, disconnects, ids_by_port = state
+    Recorder = recorder(echo={ECHO_ID})
+    packets, disconnects, ids_by_port = Recorder.received, Recorder.disconnects, Recorder.ids_by_port
     server = start_server(Recorder, packet_timeout=0.5)
     honest = raw_peers(server.port)
     attacker = raw_peers(server.port)
     started = time.monotonic()
     attacker_id, _ = attack_during_broadcast(
-        server, state, honest, attacker, garbage, {DisconnectReason.PACKET_TIMEOUT}, close_within=1.5
+        server, Recorder, honest, attacker, garbage, {DisconnectReason.PACKET_TIMEOUT}, close_within=1.5
     )
     assert time.monotonic() - started >= 0.5
     assert packets[attacker_id] == [(2, b"fine")]
@@ -267,19 +232,9 @@ def test_fifty_honest_clients_see_no_gap_while_every_malformed_header_is_tried(s
     assert all(reason.is_fault for reason in reasons.values()), reasons
 
 
-def reason_recorder():
-    """A session class that records the reason of every disconnect, in order."""
-    reasons: list[DisconnectReason] = []
-
-    class Game(PacketSession):
-        def on_disconnected(self, reason):
-            reasons.append(reason)
-
-    return Game, reasons
-
-
 def test_a_session_that_sends_nothing_is_closed_at_the_idle_timeout(start_server, raw_peers):
-    Game, reasons = reason_recorder()
+    Game = recorder()
+    reasons = Game.ended
     server = start_server(Game, idle_timeout=0.3)
     quiet = raw_peers(server.port)
     talker = raw_peers(server.port)
@@ -295,7 +250,8 @@ def test_a_session_that_sends_nothing_is_closed_at_the_idle_timeout(start_server
 
 def test_a_flooder_over_the_packet_rate_limit_is_cut_and_others_are_not(start_server, raw_peers, caplog):
     caplog.set_level(logging.WARNING, logger="servercore")
-    Game, reasons = reason_recorder()
+    Game = recorder()
+    reasons = Game.ended
     server = start_server(Game, max_packets_per_second=200)
     polite = raw_peers(server.port)
     flooder = raw_peers(server.port)

@@ -19,28 +19,9 @@ from collections import Counter
 
 from servercore import PacketSession, SendBuffer
 
-from support import packet, poll_until
+from support import exchange, packet, poll_until, recorder
 
 CLIENTS = 1000
-
-
-def make_server_session():
-    connected: Counter[int] = Counter()
-    disconnected: Counter[int] = Counter()
-    reasons: Counter[str] = Counter()
-
-    class GameSession(PacketSession):
-        def on_connected(self):
-            connected[self.id] += 1
-
-        def on_recv_packet(self, packet_id, payload):
-            self.send(packet_id, payload)
-
-        def on_disconnected(self, reason):
-            disconnected[self.id] += 1
-            reasons[reason.name] += 1
-
-    return GameSession, connected, disconnected, reasons
 
 
 def broadcast_while(server, hello: SendBuffer, busy, deadline_s: float = 15.0) -> int:
@@ -55,9 +36,11 @@ def broadcast_while(server, hello: SendBuffer, busy, deadline_s: float = 15.0) -
     return broadcasts
 
 
-def assert_idle_and_alive(server, connected, disconnected, raw_peers):
+def assert_idle_and_alive(server, GameSession, raw_peers):
     poll_until(server, lambda: len(server) == 0, timeout=5)
     server.poll(0.05)
+    connected = Counter(session.id for session in GameSession.sessions)
+    disconnected = {i: len(reasons) for i, reasons in GameSession.disconnects.items()}
     assert len(connected) == CLIENTS
     assert set(disconnected) == set(connected), "some sessions never got on_disconnected"
     assert all(n == 1 for n in connected.values())
@@ -71,13 +54,7 @@ def assert_idle_and_alive(server, connected, disconnected, raw_peers):
     # The server survived: a new connection is accepted, echoed and broadcast to.
     peer = raw_peers(server.port)
     poll_until(server, lambda: len(server) == 1)
-    peer.send(packet(7, b"still alive?"))
-    result = []
-    reader = threading.Thread(target=lambda: result.append(peer.recv_packet()), daemon=True)
-    reader.start()
-    poll_until(server, lambda: result, timeout=5, message="no echo after the mass disconnect")
-    reader.join(5)
-    assert result == [(7, b"still alive?")]
+    assert exchange(server, peer, packet(7, b"still alive?")) == (7, b"still alive?")
     assert server.broadcast(3, b"tick") == 1
     assert peer.recv_packet() == (3, b"tick")
     peer.close()
@@ -96,7 +73,7 @@ def assert_pool_released(server):
 
 
 def test_stopping_1000_clients_mid_broadcast_does_not_crash_the_server(start_server, start_client, raw_peers):
-    GameSession, connected, disconnected, reasons = make_server_session()
+    GameSession = recorder(echo=True)
     client_disconnects: Counter[int] = Counter()
 
     class DummySession(PacketSession):
@@ -131,13 +108,13 @@ def test_stopping_1000_clients_mid_broadcast_does_not_crash_the_server(start_ser
     assert len(client_disconnects) == CLIENTS and set(client_disconnects.values()) == {1}
     assert not client.running
 
-    assert_idle_and_alive(server, connected, disconnected, raw_peers)
+    assert_idle_and_alive(server, GameSession, raw_peers)
     del hello
     assert_pool_released(server)
 
 
 def test_1000_raw_sockets_reset_mid_broadcast_do_not_crash_the_server(start_server, raw_peers):
-    GameSession, connected, disconnected, reasons = make_server_session()
+    GameSession = recorder(echo=True)
     server = start_server(GameSession)
     hello = SendBuffer(1, b"Hello World".ljust(100, b"\0"))
     sockets: list[socket.socket] = []
@@ -176,6 +153,6 @@ def test_1000_raw_sockets_reset_mid_broadcast_do_not_crash_the_server(start_serv
         for sock in sockets:
             sock.close()
 
-    assert_idle_and_alive(server, connected, disconnected, raw_peers)
+    assert_idle_and_alive(server, GameSession, raw_peers)
     del hello
     assert_pool_released(server)

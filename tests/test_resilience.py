@@ -1,6 +1,9 @@
 """A server keeps serving through what real networks and hostile peers do:
 stalled packets, peers that never read, floods, descriptor exhaustion, SIGPIPE,
 and a long churn of connections that come and go (SECURITY.md lists each defence).
+The deadlines judge the peer, not the server: while the server itself stopped
+reading a socket because the application is behind, packet_timeout and
+idle_timeout do not run.
 
 Every test attacks a real server over loopback and checks both the attacker's
 outcome and what the honest bystanders saw.
@@ -8,6 +11,7 @@ outcome and what the honest bystanders saw.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -20,44 +24,19 @@ from pathlib import Path
 
 import pytest
 
-from servercore import DisconnectReason, PacketSession, SendBuffer
-from support import RawPeer, packet, poll_until
+from servercore import DisconnectReason, PacketSession
+from support import (
+    SEQ, RawPeer, connect, local_port, packet, poll_until, recorder, rss_bytes, send_ignoring_close,
+)
 
-SEQ = struct.Struct("<I")
 SERVER_SCRIPT = Path(__file__).with_name("server_process.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+ECHO_ID = 7  # the recorder, and tests/server_process.py, echo packets of this id
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def recorder():
-    class Recorder(PacketSession):
-        reasons: dict[int, DisconnectReason] = {}
-        closed_at: dict[int, float] = {}
-        announced: set[int] = set()
-
-        def on_connected(self) -> None:
-            Recorder.announced.add(self.id)
-
-        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
-            if packet_id == 7:
-                self.send(7, payload)
-
-        def on_disconnected(self, reason: DisconnectReason) -> None:
-            Recorder.reasons[self.id] = reason
-            Recorder.closed_at[self.id] = time.monotonic()
-
-    return Recorder
 
 
 class SequenceWatcher:
@@ -107,7 +86,7 @@ def broadcast_for(server, seconds: float, interval: float, start: int = 0) -> in
 
 
 def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(start_server, raw_peers):
-    Recorder = recorder()
+    Recorder = recorder(echo={ECHO_ID})
     server = start_server(Recorder, packet_timeout=1.0)
     honest = SequenceWatcher(server.port)
     try:
@@ -121,9 +100,9 @@ def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(sta
         accepted_in = time.monotonic()
         poll_until(server, lambda: len(server) == 202, message=lambda: f"{len(server)} sessions")
         accepted_in = time.monotonic() - accepted_in
-        late.send(packet(7, b"ping"))
+        late.send(packet(ECHO_ID, b"ping"))
         broadcast_for(server, 0.3, 0.02)
-        assert late.recv_packet_with_id(7) == b"ping"
+        assert late.recv_packet_with_id(ECHO_ID) == b"ping"
         sequence = broadcast_for(server, 2.2, 0.02, start=100)
 
         timed_out = [r for r in Recorder.reasons.values() if r is DisconnectReason.PACKET_TIMEOUT]
@@ -139,12 +118,104 @@ def test_slowloris_connections_are_closed_at_their_deadline_and_delay_nobody(sta
         honest.close()
 
 
-def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bounded(start_server):
+# The deadlines (packet_timeout, idle_timeout) judge the peer. While the server
+# itself stopped reading a socket because the application is behind
+# (max_pending_recv_bytes), the peer is not late: the test above is the control,
+# a real slowloris cut while the application polls normally.
+
+
+def warnings_about(caplog, peer: RawPeer) -> list[str]:
+    address = f"127.0.0.1:{local_port(peer)}"
+    return [
+        r.getMessage() for r in caplog.records
+        if r.name == "servercore" and r.levelno >= logging.WARNING and address in r.getMessage()
+    ]
+
+
+def test_packets_the_server_paused_reading_for_are_not_cut_by_packet_timeout(start_server, raw_peers, caplog):
+    caplog.set_level(logging.DEBUG, logger="servercore")
     Recorder = recorder()
+    server = start_server(Recorder, max_pending_recv_bytes=16 * 1024, packet_timeout=1.0)
+    (peer,) = connect(server, raw_peers)
+    session_id = Recorder.ids_by_port[local_port(peer)]
+    sent = [(1, SEQ.pack(i) + bytes([i % 251]) * 996) for i in range(200)]  # 1004-byte packets
+    wire = b"".join(packet(packet_id, payload) for packet_id, payload in sent)
+    sender = threading.Thread(target=send_ignoring_close, args=(peer, wire), daemon=True)
+    sender.start()
+    try:
+        time.sleep(2.5)  # the application is busy: no poll() for longer than packet_timeout
+        poll_until(
+            server,
+            lambda: len(Recorder.received[session_id]) >= 200 or session_id in Recorder.reasons,
+            timeout=5,
+            message=lambda: f"{len(Recorder.received[session_id])} of 200 packets delivered",
+        )
+        server.poll(0.05)
+    finally:
+        sender.join(5)
+    got = Recorder.received[session_id]
+    assert session_id not in Recorder.reasons, (
+        f"disconnected with {Recorder.reasons[session_id].name} after {len(got)} of 200 packets; "
+        f"logged: {warnings_about(caplog, peer)}"
+    )
+    assert got == sent
+    assert warnings_about(caplog, peer) == []
+    assert not [r for r in caplog.records if "PACKET_TIMEOUT" in r.getMessage()]
+
+
+@pytest.mark.parametrize("burst", [pytest.param(0, id="steady"), pytest.param(80, id="burst-first")])
+def test_a_peer_the_server_paused_reading_is_not_cut_by_idle_timeout(burst, start_server, raw_peers, caplog):
+    """A peer sends a 100-byte packet every 100 ms (after `burst` packets at once,
+    which by themselves pass max_pending_recv_bytes); the application stalls 3 s."""
+    caplog.set_level(logging.DEBUG, logger="servercore")
+    Recorder = recorder()
+    server = start_server(Recorder, max_pending_recv_bytes=4096, idle_timeout=1.0, packet_timeout=None)
+    (peer,) = connect(server, raw_peers)
+    session_id = Recorder.ids_by_port[local_port(peer)]
+    stop = threading.Event()
+    sent = 0
+
+    def heartbeat() -> None:
+        nonlocal sent
+        if burst:
+            send_ignoring_close(peer, b"".join(packet(1, SEQ.pack(n) + bytes(92)) for n in range(burst)))
+            sent = burst
+        while not stop.wait(0.1):
+            try:
+                peer.send(packet(1, SEQ.pack(sent) + bytes(92)))
+            except OSError:
+                return
+            sent += 1
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        time.sleep(3.0)  # the application is busy: no poll()
+        sent_before_polling = sent
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and session_id not in Recorder.reasons:
+            server.poll(0.02)
+        sent_by_the_end = sent
+    finally:
+        stop.set()
+        thread.join(5)
+    got = [SEQ.unpack_from(payload)[0] for _, payload in Recorder.received[session_id]]
+    assert session_id not in Recorder.reasons, (
+        f"disconnected with {Recorder.reasons[session_id].name} after {len(got)} packets; "
+        f"logged: {warnings_about(caplog, peer)}"
+    )
+    assert got == list(range(len(got))), "packets lost or out of order"
+    assert len(got) >= sent_before_polling + 5, (
+        f"packets stopped flowing: {len(got)} delivered, {sent_before_polling} sent before polling resumed, "
+        f"{sent_by_the_end} by the end"
+    )
+    assert warnings_about(caplog, peer) == []
+
+
+def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bounded(start_server, raw_peers):
+    Recorder = recorder(echo={ECHO_ID})
     server = start_server(Recorder, max_send_queue_bytes=1 << 20)
-    never_reads = socket.socket()
-    never_reads.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    never_reads.connect(("127.0.0.1", server.port))
+    raw_peers(server.port, rcvbuf=4096)  # never reads
     reader = SequenceWatcher(server.port)
     try:
         poll_until(server, lambda: len(server) == 2)
@@ -170,12 +241,11 @@ def test_a_peer_that_never_reads_is_cut_at_the_limit_and_server_memory_stays_bou
         reader.assert_no_sequence_gap()
         assert len(server) == 1, "the reader is still connected"
     finally:
-        never_reads.close()
         reader.close()
 
 
 def test_a_flooding_peer_does_not_starve_the_others(start_server, raw_peers):
-    Recorder = recorder()
+    Recorder = recorder(echo={ECHO_ID})
     server = start_server(Recorder)
     honest = SequenceWatcher(server.port)
     flooder = raw_peers(server.port)
@@ -257,8 +327,8 @@ def test_running_out_of_descriptors_does_not_spin_and_accepts_resume(tmp_path):
         time.sleep(1.5)  # the server's backoff is at most a second
         fresh = RawPeer(port)
         peers.append(fresh)
-        fresh.send(packet(7, b"back"))
-        assert fresh.recv_packet_with_id(7) == b"back"
+        fresh.send(packet(ECHO_ID, b"back"))
+        assert fresh.recv_packet_with_id(ECHO_ID) == b"back"
         assert process.poll() is None
         first.close()
     finally:
@@ -292,8 +362,8 @@ def test_sigpipe_at_its_default_does_not_kill_a_server_writing_to_reset_peers(tm
             time.sleep(0.3)
             assert process.poll() is None, f"the server died: exit {process.returncode}"
         survivor = RawPeer(port)
-        survivor.send(packet(7, b"alive"))
-        assert survivor.recv_packet_with_id(7) == b"alive"
+        survivor.send(packet(ECHO_ID, b"alive"))
+        assert survivor.recv_packet_with_id(ECHO_ID) == b"alive"
         survivor.close()
         assert process.poll() is None
     finally:
@@ -303,7 +373,24 @@ def test_sigpipe_at_its_default_does_not_kill_a_server_writing_to_reset_peers(tm
 
 def test_a_long_churn_of_connections_leaves_nothing_behind(start_server):
     cycles = int(os.environ.get("SERVERCORE_SOAK_CYCLES", "100000"))
-    Recorder = recorder()
+
+    class Recorder(PacketSession):
+        """Records only each session's reason: support.recorder() keeps more per
+        session, which would be counted in the RSS this test measures."""
+
+        reasons: dict[int, DisconnectReason] = {}
+        announced: set[int] = set()
+
+        def on_connected(self) -> None:
+            Recorder.announced.add(self.id)
+
+        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+            if packet_id == ECHO_ID:
+                self.send(packet_id, payload)
+
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            Recorder.reasons[self.id] = reason
+
     server = start_server(Recorder, linger=0.1)
     done = threading.Event()
     failures: list[BaseException] = []
@@ -315,7 +402,7 @@ def test_a_long_churn_of_connections_leaves_nothing_behind(start_server):
                 sock = socket.socket()
                 sock.connect(("127.0.0.1", server.port))
                 if rng.random() < 0.1:
-                    sock.sendall(packet(7, b"hi"))
+                    sock.sendall(packet(ECHO_ID, b"hi"))
                 if rng.random() < 0.5:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
@@ -337,6 +424,7 @@ def test_a_long_churn_of_connections_leaves_nothing_behind(start_server):
         for thread in threads:
             thread.join()
     assert not failures, failures[0]
+
     def ended() -> int:
         # Connections over max_sessions are refused at once and never become sessions.
         stats = server.stats()

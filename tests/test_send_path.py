@@ -5,52 +5,29 @@ A send never blocks and never calls Python: it queues one encoded packet, and th
 session's writer hands everything queued to the kernel in gathered writes. A
 `SendBuffer` is encoded once into pooled memory and shared by every recipient;
 once everything is written and the buffers are gone, the pool is back to idle.
-A peer that does not read costs only its own session (SEND_QUEUE_FULL).
+A peer that does not read costs only its own session (SEND_QUEUE_FULL), with a
+log line that says what would have passed the limit.
+
+A raw `Session` sends bytes as they are, unframed: `send(data)` with any
+bytes-like object, or `SendBuffer.raw(data)`, shareable like any SendBuffer;
+`broadcast(data)` to a server of raw sessions. Packets and raw bytes do not
+mix: a PacketSession refuses a raw SendBuffer, a raw Session a packet id.
 """
 
 from __future__ import annotations
 
 import gc
-import struct
+import logging
+import random
+import selectors
+import socket
+import threading
 import time
 
 import pytest
 
 from servercore import DisconnectReason, PacketSession, SendBuffer
-from support import RawPeer, packet, poll_until
-
-SEQ = struct.Struct("<I")
-
-
-def recorder():
-    """A fresh PacketSession class that records its sessions and how they ended."""
-
-    class Recorder(PacketSession):
-        sessions: list[Recorder] = []
-        reasons: dict[int, DisconnectReason] = {}
-
-        def on_connected(self) -> None:
-            Recorder.sessions.append(self)
-
-        def on_disconnected(self, reason: DisconnectReason) -> None:
-            Recorder.reasons[self.id] = reason
-
-    return Recorder
-
-
-def connect(server, raw_peers, count: int = 1) -> list[RawPeer]:
-    """Connects `count` RawPeers and waits until each session got on_connected."""
-    before = len(server)
-    peers = [raw_peers(server.port) for _ in range(count)]
-    poll_until(server, lambda: len(server) == before + count, message=lambda: f"{len(server)} sessions")
-    return peers
-
-
-def session_of(server, peer: RawPeer):
-    """The server-side session of `peer` (matched by the peer's local port)."""
-    local = peer.sock.getsockname()
-    (session,) = [s for s in server.sessions if tuple(s.peer) == (local[0], local[1])]
-    return session
+from support import SEQ, connect, local_port, packet, poll_until, raw_recorder, recorder, session_of
 
 
 # --- send: order and integrity --------------------------------------------------
@@ -380,6 +357,92 @@ def test_no_send_events_are_delivered_when_on_send_is_not_overridden(start_serve
     assert handled == 0, "events were queued for an on_send nobody overrides"
 
 
+def test_on_send_adds_up_to_bytes_out_while_a_thread_sends_and_peers_vanish(start_server, raw_peers):
+    """50 peers read what they are sent, then, at random times, half of them close
+    (FIN, then read to the end) and half reset (RST), while a second thread keeps
+    sending to every session."""
+
+    class Counting(recorder()):
+        written: list[int] = []
+
+        def on_send(self, nbytes: int) -> None:
+            Counting.written.append(nbytes)
+
+    server = start_server(Counting)
+    peers = connect(server, raw_peers, 50)
+    sessions = server.sessions
+    rng = random.Random(5)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    selector = selectors.DefaultSelector()
+    selector_lock = threading.Lock()
+    for peer in peers:
+        peer.sock.setblocking(False)
+        selector.register(peer.sock, selectors.EVENT_READ)
+
+    def read_until_closed() -> None:
+        while not stop.is_set():
+            with selector_lock:
+                for key, _ in selector.select(0.01):
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        key.fileobj.close()
+
+    def send_all_the_time() -> None:
+        sizes = random.Random(6)
+        try:
+            while not stop.is_set():
+                for session in sessions:
+                    session.send(1, b"s" * sizes.randrange(1, 1000))
+                time.sleep(0.002)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def vanish_at_random_times() -> None:
+        order = list(peers)
+        rng.shuffle(order)
+        for n, peer in enumerate(order):
+            time.sleep(rng.uniform(0, 0.06))
+            with selector_lock:
+                if peer.sock.fileno() < 0:
+                    continue
+                if n % 2:
+                    selector.unregister(peer.sock)
+                    peer.reset()
+                else:
+                    peer.sock.shutdown(socket.SHUT_WR)  # the reader closes it at EOF
+
+    threads = [threading.Thread(target=f, daemon=True)
+               for f in (read_until_closed, send_all_the_time, vanish_at_random_times)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while threads[2].is_alive():
+            assert time.monotonic() < deadline, "the peers were not all closed in time"
+            server.poll(0.005)
+        poll_until(server, lambda: len(server) == 0 and server.stats()["sessions"] == 0, timeout=10,
+                   message=lambda: f"{len(server)} sessions left")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        selector.close()
+    assert errors == []
+    server.poll(0.2)
+    assert len(Counting.ended) == 50
+    stats = server.stats()
+    assert stats["bytes_out"] > 0
+    assert sum(Counting.written) == stats["bytes_out"], (
+        f"on_send reported {sum(Counting.written)} bytes in {len(Counting.written)} calls, "
+        f"stats()['bytes_out'] is {stats['bytes_out']}; disconnects: {stats['disconnects']}"
+    )
+
+
 # --- send after the end, and before a connection ----------------------------------------
 
 
@@ -455,29 +518,142 @@ def test_a_peer_that_never_reads_is_disconnected_with_send_queue_full_while_othe
     assert server.stats()["disconnects"]["SEND_QUEUE_FULL"] == 1
 
 
-def test_send_queue_bytes_shows_how_far_a_peer_is_behind(start_server):
-    import socket as _socket
-
+def test_send_queue_bytes_shows_how_far_a_peer_is_behind(start_server, raw_peers):
     class Game(PacketSession):
         pass
 
     server = start_server(Game, max_send_queue_bytes=64 << 20)
-    lagging = _socket.socket()
-    lagging.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
-    lagging.connect(("127.0.0.1", server.port))
+    connect(server, raw_peers, rcvbuf=4096)  # a peer that never reads
+    (session,) = server.sessions
+    assert session.send_queue_bytes == 0
+    sent = 0
+    # Until the kernel's buffers (which autotune to megabytes) are full.
+    while session.send_queue_bytes == 0 and sent < 32_000:
+        session.send(1, b"\0" * 1000)
+        sent += 1
+    server.poll(0.1)
+    behind = session.send_queue_bytes
+    assert 0 < behind <= sent * 1004
+    assert server.stats()["send_queue_bytes"] == behind
+    assert session.connected
+
+
+def test_the_send_queue_full_log_line_says_what_would_have_passed_the_limit(start_server, raw_peers, caplog):
+    caplog.set_level(logging.WARNING, logger="servercore")
+    Recorder = recorder()
+    server = start_server(Recorder, max_send_queue_bytes=64 * 1024)
+    (peer,) = connect(server, raw_peers, rcvbuf=4096)  # never reads
+    session = session_of(server, peer)
+    deadline = time.monotonic() + 20
+    sent = 0
+    while session.send(1, SEQ.pack(sent) + b"q" * 996):
+        sent += 1
+        if sent % 100 == 0:
+            assert time.monotonic() < deadline, f"still connected after {sent} packets"
+            time.sleep(0.001)  # let the kernel's buffers fill
+    poll_until(server, lambda: Recorder.ended, message="no on_disconnected")
+    assert Recorder.ended == [DisconnectReason.SEND_QUEUE_FULL]
+
+    address = f"127.0.0.1:{local_port(peer)}"
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "servercore" and r.levelno == logging.WARNING and "SEND_QUEUE_FULL" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert address in lines[0], lines[0]
+    assert "would pass max_send_queue_bytes" in lines[0], lines[0]
+
+
+# --- raw sessions send bytes ---------------------------------------------------------
+
+
+def raw_echo():
+    """A fresh raw Session class that sends back whatever it receives."""
+
+    class Echo(raw_recorder(len)):
+        def on_recv(self, data):
+            super().on_recv(data)
+            self.send(data)
+            return len(data)
+
+    return Echo
+
+
+def read_for(peer, seconds: float) -> bytes:
+    """Everything the peer receives until `seconds` pass quietly or the server closes."""
+    peer.sock.settimeout(seconds)
+    data = peer.buffer
+    peer.buffer = b""
     try:
-        poll_until(server, lambda: len(server) == 1)
-        (session,) = server.sessions
-        assert session.send_queue_bytes == 0
-        sent = 0
-        # Until the kernel's buffers (which autotune to megabytes) are full.
-        while session.send_queue_bytes == 0 and sent < 32_000:
-            session.send(1, b"\0" * 1000)
-            sent += 1
-        server.poll(0.1)
-        behind = session.send_queue_bytes
-        assert 0 < behind <= sent * 1004
-        assert server.stats()["send_queue_bytes"] == behind
-        assert session.connected
-    finally:
-        lagging.close()
+        while chunk := peer.sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def test_a_raw_session_sends_its_bytes_unframed(start_server, raw_peers):
+    Echo = raw_echo()
+    server = start_server(Echo)
+    peer = raw_peers(server.port)
+    peer.send(b"hello")
+    poll_until(server, lambda: server.stats()["bytes_out"] >= 5 or Echo.ended,
+               message=lambda: f"nothing sent back: {server.stats()}")
+    got = read_for(peer, 0.5)
+    assert got == b"hello", f"the peer got {got!r}; on_disconnected: {Echo.ended}"
+    assert Echo.ended == []
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(b"data", id="bytes"),
+    pytest.param(bytearray(b"data"), id="bytearray"),
+    pytest.param(memoryview(b"__data__")[2:6], id="memoryview-slice"),
+])
+def test_a_raw_session_sends_any_bytes_like_object(start_server, raw_peers, data):
+    server = start_server(raw_recorder(len))
+    (peer,) = connect(server, raw_peers)
+    (session,) = server.sessions
+    assert session.send(data) is True
+    assert peer.recv_exactly(4) == b"data"
+
+
+def test_a_raw_send_buffer_is_sent_as_is_and_broadcast_sends_raw_bytes_to_raw_sessions(start_server, raw_peers):
+    server = start_server(raw_recorder(len))
+    peers = connect(server, raw_peers, 3)
+    tick = SendBuffer.raw(b"tick")
+    assert bytes(tick) == b"tick" and len(tick) == 4
+    for session in server.sessions:
+        assert session.send(tick) is True  # one buffer, shared
+    assert server.broadcast(tick) == 3
+    assert server.broadcast(b"tock") == 3
+    for peer in peers:
+        assert peer.recv_exactly(12) == b"ticktick" + b"tock"
+
+
+def test_a_packet_session_refuses_a_raw_send_buffer(start_server, raw_peers):
+    server = start_server(PacketSession)
+    (peer,) = connect(server, raw_peers)
+    (session,) = server.sessions
+    raw = SendBuffer.raw(b"unframed")
+    with pytest.raises(TypeError):
+        session.send(raw)
+    assert session.send(1, b"framed")
+    assert peer.recv_packet() == (1, b"framed")
+
+
+def test_a_raw_session_refuses_a_packet_id_and_payload(start_server, raw_peers):
+    server = start_server(raw_recorder(len))
+    (peer,) = connect(server, raw_peers)
+    (session,) = server.sessions
+    with pytest.raises(TypeError, match=r"(?i)raw.*bytes|bytes.*raw"):
+        session.send(1, b"x")
+    assert read_for(peer, 0.2) == b"", "the refused send reached the wire"
+
+
+def test_a_raw_send_over_max_send_queue_bytes_is_a_value_error_at_the_call(start_server, raw_peers):
+    server = start_server(raw_recorder(len), max_send_queue_bytes=64 * 1024)
+    (peer,) = connect(server, raw_peers)
+    (session,) = server.sessions
+    with pytest.raises(ValueError, match="max_send_queue_bytes"):
+        session.send(b"x" * (64 * 1024 + 1))
+    assert server.stats()["send_queue_bytes"] == 0
+    assert session.send(b"fits") is True
+    assert peer.recv_exactly(4) == b"fits"
