@@ -1,5 +1,5 @@
 """What happens in and around the application's callbacks (README, "What you
-can rely on", 7).
+can rely on", 8).
 
 - An exception in a callback is logged to the `servercore` logger with its
   traceback and costs only its session (CALLBACK_ERROR); an exception in

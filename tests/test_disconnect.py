@@ -1,4 +1,4 @@
-"""Closing one session (README, "What you can rely on", 6).
+"""Closing one session (README, "What you can rely on", 6 and 7).
 
 disconnect() flushes what was queued before it, then closes; it is
 idempotent, send() after it returns False, packets that arrive after it never

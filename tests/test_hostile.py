@@ -1,4 +1,4 @@
-"""Hostile input costs only its own session (design.md sections 1 "Security", 2, 4.7).
+"""Hostile input costs only its own session (SECURITY.md; README "What you can rely on", 8).
 
 The server distrusts every header: a size below the 4 header bytes, a size over
 `max_packet_size`, or an id outside `packet_ids` disconnects that one session

@@ -1,4 +1,5 @@
-"""The lecture's crash as a test (design.md section 1 "The crash", guarantees 2 and 5).
+"""The lecture's crash as a test (docs/architecture.md "Where this comes from";
+README "What you can rely on", 2 and 5).
 
 1000 clients are connected while the server broadcasts in a tight loop; then
 all of them go away at once. In the lecture this crashed the server: a failed

@@ -142,7 +142,7 @@ def test_a_packet_id_no_int_type_holds_is_a_value_error_saying_the_range(start_s
         try:
             make()
         except ValueError as error:
-            if "packet_id must be between 0 and 65535" not in str(error):
+            if "packet_id must be an integer from 0 to 65535, got 1180591620717411303424" not in str(error):
                 problems.append(f"{call}: ValueError {error}")
         except BaseException as error:  # noqa: BLE001 - PanicException included
             if isinstance(error, (KeyboardInterrupt, SystemExit)):

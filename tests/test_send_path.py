@@ -443,6 +443,34 @@ def test_on_send_adds_up_to_bytes_out_while_a_thread_sends_and_peers_vanish(star
     )
 
 
+def test_on_send_reports_what_a_local_close_flushes(start_server, raw_peers):
+    """disconnect() flushes what was queued; on_send reports those writes too, so
+    the sum of on_send is what the kernel took even for a session closed here."""
+
+    class Counting(PacketSession):
+        written: list[int] = []
+
+        def on_send(self, nbytes: int) -> None:
+            Counting.written.append(nbytes)
+
+    server = start_server(Counting)
+    (peer,) = connect(server, raw_peers, 1)
+    (session,) = server.sessions
+    for _ in range(1000):
+        assert session.send(1, b"x" * 1000)
+    session.disconnect()
+    received = 0
+    while True:
+        chunk = peer.sock.recv(65536)
+        if not chunk:
+            break
+        received += len(chunk)
+    poll_until(server, lambda: len(server) == 0)
+    assert received == 1000 * 1004
+    assert server.stats()["bytes_out"] == received
+    assert sum(Counting.written) == received, f"on_send reported {sum(Counting.written)} of {received} bytes"
+
+
 # --- send after the end, and before a connection ----------------------------------------
 
 

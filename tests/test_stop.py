@@ -326,7 +326,12 @@ def test_stop_from_a_thread_that_does_not_poll_leaves_the_callbacks_to_the_next_
     assert poller["running_after"] is False
 
 
-def test_stop_when_no_thread_ever_polled_delivers_every_callback_itself_before_returning(start_server, raw_peers):
+def test_stop_when_no_thread_ever_polled_closes_sessions_the_game_was_never_told_of_without_callbacks(
+    start_server, raw_peers
+):
+    """Nobody polled, so no session was announced: stop() closes them all, and
+    no callback runs for a session whose on_connected never ran. stats() still
+    counts each one."""
     Recorder = thread_recorder()
     server = start_server(Recorder)
     peers = [raw_peers(server.port) for _ in range(3)]
@@ -334,7 +339,23 @@ def test_stop_when_no_thread_ever_polled_delivers_every_callback_itself_before_r
     while server.stats()["sessions"] < 3:  # accepted by the engine; nobody polls
         assert time.monotonic() < deadline, "connections not accepted"
         time.sleep(0.01)
+
+    server.stop()
+
     assert Recorder.calls == []
+    assert server.stats()["disconnects"]["SERVER_SHUTDOWN"] == 3
+    assert server.stats()["sessions"] == 0
+    assert server.running is False
+    assert all(peer.wait_closed(2) for peer in peers)
+
+
+def test_stop_on_the_thread_that_polls_delivers_every_on_disconnected_itself_before_returning(
+    start_server, raw_peers
+):
+    Recorder = thread_recorder()
+    server = start_server(Recorder)
+    peers = [raw_peers(server.port) for _ in range(3)]
+    poll_until(server, lambda: len(server) == 3)
 
     server.stop()
 
