@@ -33,3 +33,29 @@ def test_the_quick_start_game_server_runs_and_kicks_a_bad_move():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert re.search(r"session 1 \('127\.0\.0\.1', \d+\) left: CLOSED_LOCALLY", result.stdout), result.stdout
+
+
+ECHO_PEER = '''
+import socket, threading
+def peer():
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"hello")
+        got = b""
+        while len(got) < 5:
+            got += s.recv(100)
+        print("echoed", got)
+    server.stop()  # from this thread, while run_forever() runs on the main one
+threading.Thread(target=peer, daemon=True).start()
+'''
+
+
+def test_the_raw_echo_server_echoes_bytes_as_they_are():
+    example = re.search(r"An echo server:\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert example, "the README lost its raw echo example"
+    code = example.group(1)
+    assert '"127.0.0.1", 7000' in code and "server.run_forever()" in code
+    code = code.replace('"127.0.0.1", 7000', '"127.0.0.1", 0')
+    code = code.replace("    server.run_forever()", ECHO_PEER.replace("\n", "\n    ") + "\n    server.run_forever()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "echoed b'hello'" in result.stdout, result.stdout

@@ -486,3 +486,26 @@ def test_a_client_dropped_without_stop_warns_closes_its_connections_in_the_backg
     assert fds_after <= fds_before, f"{fds_after - fds_before} descriptors leaked by 20 dropped clients"
     assert grown < 15 << 20, f"RSS grew by {grown / (1 << 20):.1f} MiB over 20 dropped clients"
     assert len(Game.ended) == 63
+
+
+def test_a_running_server_its_sessions_refer_to_is_collected_all_the_same(raw_peers):
+    """Session objects that keep their server (self.server = ...) make a cycle
+    through the engine; the garbage collector sees it and breaks it, and the
+    server warns and closes its peers as if it had been dropped."""
+
+    class Player(PacketSession):
+        server: Server | None = None
+
+        def on_connected(self) -> None:
+            self.home = Player.server  # the cycle: server -> session -> server
+
+    server = Server(Player, "127.0.0.1", 0, linger=1.0)
+    Player.server = server
+    server.start()
+    peers = [raw_peers(server.port) for _ in range(3)]
+    poll_until(server, lambda: len(server) == 3)
+    Player.server = None
+    with pytest.warns(ResourceWarning):
+        del server
+        gc.collect()
+    assert all(peer.wait_closed(3) for peer in peers), "the peers of the collected server stayed open"
