@@ -82,17 +82,23 @@ def test_session_disconnect_called_twice_from_outside_a_callback(start_server, r
 # --- the peer half-closes: TCP's FIN ends its sending, not ours -------------------------
 
 
-def read_in_a_thread(peer: RawPeer) -> tuple[threading.Thread, dict]:
-    """Starts reading every packet until the server closes; the result lands in
-    the dict as "packets" and "end" ("EOF", "reset" or "timeout")."""
+def read_while_polling(server, peer: RawPeer, ended: list, timeout: float) -> dict:
+    """Reads every packet the peer gets until the server closes (in a thread)
+    while the server polls, until that and the session's on_disconnected are
+    done. Returns {"packets": [...], "end": "EOF", "reset" or "timeout"}."""
     result: dict = {}
 
     def read() -> None:
         result["packets"], result["end"] = peer.recv_until_closed()
 
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    return thread, result
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        poll_until(server, lambda: not reader.is_alive() and ended, timeout=timeout,
+                   message=lambda: f"reader done: {not reader.is_alive()}, on_disconnected {ended}")
+    finally:
+        reader.join(5)
+    return result
 
 
 def test_a_peer_that_half_closes_after_its_request_gets_the_answer_then_eof(start_server, raw_peers):
@@ -107,12 +113,7 @@ def test_a_peer_that_half_closes_after_its_request_gets_the_answer_then_eof(star
     peer = raw_peers(server.port)
     peer.send(packet(1, b"request"))
     peer.sock.shutdown(socket.SHUT_WR)  # "that is all I will send"
-    reader, result = read_in_a_thread(peer)
-    try:
-        poll_until(server, lambda: not reader.is_alive() and Game.ended, timeout=5,
-                   message=lambda: f"read {result}, on_disconnected {Game.ended}")
-    finally:
-        reader.join(5)
+    result = read_while_polling(server, peer, Game.ended, timeout=5)
     assert list(Game.received.values()) == [[(1, b"request")]]
     assert Game.returned == [True], (
         f"send() in the on_recv_packet of the last packet before the FIN returned {Game.returned}; "
@@ -134,12 +135,7 @@ def test_a_peer_that_half_closes_gets_all_of_a_9_mb_answer_in_order_then_eof(sta
     peer = raw_peers(server.port, timeout=20)
     peer.send(packet(1, b"everything, please"))
     peer.sock.shutdown(socket.SHUT_WR)
-    reader, result = read_in_a_thread(peer)
-    try:
-        poll_until(server, lambda: not reader.is_alive() and Download.ended, timeout=30,
-                   message=lambda: f"reader done: {not reader.is_alive()}, on_disconnected {Download.ended}")
-    finally:
-        reader.join(5)
+    result = read_while_polling(server, peer, Download.ended, timeout=30)
     assert Download.returned == [True] * 3000, (
         f"{Download.returned.count(True)} of 3000 sends accepted; the peer read {len(result['packets'])} packets, "
         f"then {result['end']}; on_disconnected: {Download.ended}"
