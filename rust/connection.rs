@@ -141,10 +141,13 @@ pub(crate) struct Connection {
     phase: Phase,
     /// The deadline the reactor holds a timer entry for.
     armed: Option<Instant>,
-    // Edge-triggered readiness: set by the reactor's events, cleared only when
-    // the socket says it would block.
+    // Edge-triggered readiness: set by the reactor's events, cleared when
+    // the socket says it would block, or (reading) when a read came back short.
     readable: bool,
     writable: bool,
+    /// The peer's FIN or an error was reported: read on to the end of the
+    /// stream even after a short read, since no new event will come for it.
+    read_closed: bool,
     /// The armed deadline passed: check the deadlines on the next turn.
     deadline_due: bool,
     /// On the reactor's queue of sessions to serve.
@@ -171,6 +174,7 @@ impl Connection {
             armed: None,
             readable: false,
             writable: false,
+            read_closed: false,
             deadline_due: false,
             listed: false,
             paused: false,
@@ -199,10 +203,12 @@ impl Connection {
     }
 
     /// An event from the socket: what it says is ready stays ready until a
-    /// read or write would block.
-    pub(crate) fn note_ready(&mut self, readable: bool, writable: bool) {
+    /// read or write would block. `read_closed`: the event also says the peer
+    /// closed its side (or the socket failed).
+    pub(crate) fn note_ready(&mut self, readable: bool, writable: bool, read_closed: bool) {
         self.readable |= readable;
         self.writable |= writable;
+        self.read_closed |= read_closed;
     }
 
     /// The reactor's timer entry at `at` came due.
@@ -306,7 +312,12 @@ impl Connection {
         let outcome = loop {
             let want = self.bytes_wanted().max(self.farewell.handle.context.config.read_size);
             let socket = SockRef::from(&self.stream);
-            match self.recv.read_with(want, |buf| recv_into(socket, buf)) {
+            let mut offered = 0;
+            let read = self.recv.read_with(want, |buf| {
+                offered = buf.capacity() - buf.len();
+                recv_into(socket, buf)
+            });
+            match read {
                 Ok(0) => break self.finish_receiving(),
                 Ok(n) => {
                     turn += n;
@@ -320,6 +331,14 @@ impl Connection {
                         break Ok(());
                     }
                     if turn >= READ_TURN_BYTES {
+                        break Ok(());
+                    }
+                    if n < offered && !self.read_closed {
+                        // The socket had less than there was room for: it is
+                        // drained, and what arrives next is a new event. Asking
+                        // again would only hear "would block" (a system call
+                        // per request saved).
+                        self.readable = false;
                         break Ok(());
                     }
                 }

@@ -6,6 +6,8 @@
 //! reactors. Everything that knows about sessions sits above this module, so
 //! dependencies between the engine's modules point one way.
 
+use std::io;
+
 use crate::config::SessionConfig;
 use crate::events::EventQueue;
 use crate::stats::ServiceStats;
@@ -17,8 +19,8 @@ pub struct SessionContext {
 }
 
 impl SessionContext {
-    pub fn new(config: SessionConfig) -> Self {
-        Self { config, stats: ServiceStats::default(), events: EventQueue::default() }
+    pub fn new(config: SessionConfig) -> io::Result<Self> {
+        Ok(Self { config, stats: ServiceStats::default(), events: EventQueue::new()? })
     }
 
     /// The largest packet a session sends or accepts, header included.

@@ -13,16 +13,23 @@
 //! Events are plain data: they name a session, they do not own it. A queue that
 //! nobody drains (a service dropped without a last look) then holds bytes, never
 //! a session and through it the service.
+//!
+//! The consumer waits one of two ways: on the queue's condition variable
+//! ([`EventQueue::wait`]), or on its [`WakeFd`] in an epoll set of its own
+//! ([`EventQueue::begin_fd_wait`]), when it waits for sockets too.
 
 use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::frame::PacketRun;
 use crate::reason::DisconnectReason;
+use crate::wake_fd::WakeFd;
 
 /// A session's number, unique within its service, counting from 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,13 +70,14 @@ impl Event {
     }
 }
 
-#[derive(Default)]
 pub struct EventQueue {
     state: Mutex<QueueState>,
     ready: Condvar,
-    /// `QueueState::waiting`, readable without the lock: an I/O thread holds
-    /// its events back while the consumer is busy, and hands them over at once
-    /// when it waits.
+    /// Signalled instead of `ready` while the consumer waits on descriptors.
+    wake: Arc<WakeFd>,
+    /// The consumer waits (either way), readable without the lock: an I/O
+    /// thread holds its events back while the consumer is busy, and hands them
+    /// over at once when it waits.
     consumer_waiting: AtomicBool,
 }
 
@@ -78,11 +86,22 @@ struct QueueState {
     events: Vec<Event>,
     /// The consumer is blocked in `wait`: only then does a push pay for a wakeup.
     waiting: bool,
-    /// Set by `interrupt` to end one `wait` early.
+    /// The consumer waits on `wake`: a push signals it.
+    fd_waiting: bool,
+    /// Set by `interrupt` to end one wait early.
     interrupted: bool,
 }
 
 impl EventQueue {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            state: Mutex::default(),
+            ready: Condvar::new(),
+            wake: Arc::new(WakeFd::new()?),
+            consumer_waiting: AtomicBool::new(false),
+        })
+    }
+
     pub fn push(&self, event: Event) {
         let mut state = self.lock();
         state.events.push(event);
@@ -135,14 +154,49 @@ impl EventQueue {
         moved
     }
 
-    /// Ends the consumer's current (or next) `wait` even if nothing is queued.
+    /// Ends the consumer's current (or next) wait even if nothing is queued.
     pub fn interrupt(&self) {
         let mut state = self.lock();
         state.interrupted = true;
         state.waiting = false;
+        if std::mem::take(&mut state.fd_waiting) {
+            self.wake.signal();
+        }
         self.consumer_waiting.store(false, Ordering::Relaxed);
         drop(state);
         self.ready.notify_all();
+    }
+
+    /// The descriptor a consumer waiting with [`begin_fd_wait`](Self::begin_fd_wait) watches.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// The consumer's wake descriptor, for others that wake it too (reactors it serves inline).
+    pub(crate) fn wake_handle(&self) -> Arc<WakeFd> {
+        self.wake.clone()
+    }
+
+    /// The consumer is about to wait on [`wake_fd`](Self::wake_fd): pushes signal
+    /// it from now on. Returns false, and does not start, if there is something
+    /// to take already (events, or an interrupt).
+    pub fn begin_fd_wait(&self) -> bool {
+        let mut state = self.lock();
+        if !state.events.is_empty() || std::mem::take(&mut state.interrupted) {
+            return false;
+        }
+        state.fd_waiting = true;
+        self.consumer_waiting.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// The consumer no longer waits on the descriptor; its signals are taken.
+    pub fn end_fd_wait(&self) {
+        let mut state = self.lock();
+        state.fd_waiting = false;
+        self.consumer_waiting.store(false, Ordering::Relaxed);
+        drop(state);
+        self.wake.drain();
     }
 
     pub fn len(&self) -> usize {
@@ -160,7 +214,11 @@ impl EventQueue {
     }
 
     fn wake_consumer(&self, mut state: std::sync::MutexGuard<'_, QueueState>) {
-        if state.waiting {
+        if std::mem::take(&mut state.fd_waiting) {
+            self.consumer_waiting.store(false, Ordering::Relaxed);
+            drop(state);
+            self.wake.signal();
+        } else if state.waiting {
             state.waiting = false;
             self.consumer_waiting.store(false, Ordering::Relaxed);
             drop(state);
@@ -176,7 +234,6 @@ impl EventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::thread;
 
     fn sent(session: u64) -> Event {
@@ -185,7 +242,7 @@ mod tests {
 
     #[test]
     fn wait_returns_everything_queued_in_order() {
-        let queue = EventQueue::default();
+        let queue = EventQueue::new().unwrap();
         queue.push(sent(1));
         queue.push_all(&mut vec![sent(2), sent(3)]);
         let mut out = Vec::new();
@@ -197,7 +254,7 @@ mod tests {
 
     #[test]
     fn wait_gives_up_at_the_timeout() {
-        let queue = EventQueue::default();
+        let queue = EventQueue::new().unwrap();
         let started = Instant::now();
         assert_eq!(queue.wait(Some(Duration::from_millis(50)), &mut Vec::new()), 0);
         assert!(started.elapsed() >= Duration::from_millis(50));
@@ -205,7 +262,7 @@ mod tests {
 
     #[test]
     fn a_push_from_another_thread_wakes_the_waiting_consumer() {
-        let queue = Arc::new(EventQueue::default());
+        let queue = Arc::new(EventQueue::new().unwrap());
         let producer = {
             let queue = queue.clone();
             thread::spawn(move || {
@@ -219,8 +276,23 @@ mod tests {
     }
 
     #[test]
+    fn a_push_signals_a_consumer_that_waits_on_the_descriptor_once() {
+        let queue = EventQueue::new().unwrap();
+        assert!(queue.begin_fd_wait());
+        queue.push(sent(1));
+        queue.push(sent(2));
+        let mut poll = libc::pollfd { fd: queue.wake_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 1, "the descriptor is readable");
+        queue.end_fd_wait();
+        assert!(!queue.begin_fd_wait(), "events are waiting: no wait begins");
+        let mut out = Vec::new();
+        assert_eq!(queue.wait(Some(Duration::ZERO), &mut out), 2);
+    }
+
+    #[test]
     fn interrupt_ends_a_wait_without_events() {
-        let queue = Arc::new(EventQueue::default());
+        let queue = Arc::new(EventQueue::new().unwrap());
         let interrupter = {
             let queue = queue.clone();
             thread::spawn(move || {

@@ -15,6 +15,7 @@
 //! - [`recv_buffer`]: bytes read and not yet consumed; packets leave it without a copy.
 //! - [`send_buffer`]: pooled chunks that packets are encoded into once and shared.
 //! - [`reason`], [`config`], [`stats`]: why sessions end, the limits, the counters.
+//! - [`wake_fd`]: an eventfd, to wake a thread that waits on descriptors.
 //! - [`events`]: what crosses to the application, by session id, in batches.
 //! - [`doorbell`], [`send_queue`]: how a session's driver is told of work, and
 //!   one session's outgoing packets with its writer role.
@@ -47,6 +48,7 @@ pub mod send_queue;
 pub mod service;
 pub mod session;
 pub mod stats;
+pub mod wake_fd;
 
 #[cfg(feature = "python")]
 mod bindings;

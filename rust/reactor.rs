@@ -1,6 +1,5 @@
-//! A reactor is one I/O thread's share of the sessions: a tokio task that
-//! serves many connections over its own epoll set (a `mio::Poll`), whose one
-//! descriptor tokio watches.
+//! A reactor is one I/O thread's share of the sessions: their connections,
+//! served over the reactor's own epoll set (a `mio::Poll`).
 //!
 //! Why not a tokio task and a tokio registration per connection: an idle
 //! session would pay tokio's task cell and its readiness slot (about 640 bytes,
@@ -9,6 +8,21 @@
 //! it costs nothing until its socket, its doorbell or its deadline says so.
 //! One `epoll_wait` hands the reactor every ready socket at once, like the
 //! C servers this library descends from.
+//!
+//! Who serves a reactor: its I/O thread's tokio task, or the application
+//! thread itself. The task watches the reactor's epoll set through a watch set
+//! of its own (an epoll set holding just that one), whose descriptor tokio
+//! watches. When the application thread waits for events and nothing is
+//! waiting for it, it takes every reactor and serves them inline, waiting in
+//! an epoll set of its own over the reactors' sets: a request is then read,
+//! handed to its callback and answered on one thread, as in a single-threaded
+//! event loop, with no hand-off between threads. A round that finds more than
+//! a few sessions ready is load: the reactors go back to their tasks, which
+//! serve in parallel with the callbacks, and the application thread waits for
+//! their events. While the application thread serves a reactor, the task's
+//! watch set is disarmed, so a ready socket does not wake the I/O thread for
+//! nothing; handing back re-arms it (which reports at once what is ready), so
+//! the task watches the sockets again without being woken to start.
 //!
 //! Other threads reach a reactor through its [`Mailbox`]: connections to take
 //! in, and the doorbells of sessions whose send queue or reader has work.
@@ -20,12 +34,14 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
@@ -34,6 +50,7 @@ use tokio::time::{Instant, Sleep};
 use crate::connection::{self, Connection, Served};
 use crate::context::SessionContext;
 use crate::doorbell::{Doorbell, RingList};
+use crate::events::{Event, EventQueue};
 use crate::reason::DisconnectReason;
 use crate::registry::SessionRegistry;
 use crate::session::SessionId;
@@ -51,8 +68,15 @@ const SERVES_PER_POLL: usize = 128;
 /// keep reporting without anything to serve.
 const ROUNDS_PER_POLL: usize = 16;
 
+/// Sessions ready at once that the application thread still serves inline;
+/// more is load, better served by the I/O threads while it runs callbacks.
+const INLINE_SESSIONS: usize = 64;
+
 /// Bytes a lingering session reads and discards at a time.
 const DISCARD_SIZE: usize = 4096;
+
+/// The application thread's wake descriptor in its epoll set.
+const WAKE_TOKEN: Token = Token(usize::MAX);
 
 /// What other threads hand a reactor.
 pub(crate) struct Mailbox {
@@ -64,8 +88,8 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    fn new(registry: Arc<SessionRegistry>) -> Self {
-        Self { rings: Arc::default(), arrivals: Mutex::new(Some(Vec::new())), registry }
+    fn new(registry: Arc<SessionRegistry>, rings: RingList) -> Self {
+        Self { rings: Arc::new(rings), arrivals: Mutex::new(Some(Vec::new())), registry }
     }
 
     /// A doorbell for a session this reactor will serve.
@@ -88,10 +112,40 @@ impl Mailbox {
     }
 }
 
+/// One reactor: what it serves, and how to reach it.
+pub(crate) struct Reactor {
+    core: Mutex<Core>,
+    mailbox: Arc<Mailbox>,
+    /// The task's view of the epoll set; disarmed while the application thread serves.
+    watch: WatchSet,
+    /// The deadline the task's timer is set to, so that whoever hands the
+    /// reactor back knows whether the task must be woken for a nearer one.
+    task_timer: Mutex<Option<Instant>>,
+}
+
+impl Reactor {
+    /// The reactor's state, if nobody is serving it right now.
+    fn try_core(&self) -> Option<MutexGuard<'_, Core>> {
+        match self.core.try_lock() {
+            Ok(core) => Some(core),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
 /// A service's reactors, one per I/O thread; new sessions are dealt round-robin.
 pub(crate) struct Reactors {
-    mailboxes: Box<[Arc<Mailbox>]>,
+    reactors: Box<[Arc<Reactor>]>,
     next: AtomicUsize,
+    /// The application thread's epoll set over every reactor's set and its
+    /// wake descriptor; held while it serves them inline.
+    inline: Mutex<Inline>,
+}
+
+struct Inline {
+    poll: mio::Poll,
+    events: Events,
 }
 
 impl Reactors {
@@ -105,33 +159,188 @@ impl Reactors {
     ) -> io::Result<Self> {
         let _entered = runtime.enter();
         let count = count.max(1);
-        let mut mailboxes = Vec::with_capacity(count);
-        for _ in 0..count {
-            let mailbox = Arc::new(Mailbox::new(registry.clone()));
-            runtime.spawn(Reactor::new(mailbox.clone(), context.clone(), registry.clone())?.run());
-            mailboxes.push(mailbox);
+        // The application thread waits in one reactor's own set when there is
+        // one, else in a set over all of theirs; either holds its wake descriptor.
+        let inline = Inline { poll: mio::Poll::new()?, events: Events::with_capacity(count + 1) };
+        let app_wake = context.events.wake_handle();
+        let wake_fd = app_wake.as_raw_fd();
+        if count > 1 {
+            watch_level_triggered(&inline.poll, wake_fd, WAKE_TOKEN)?;
         }
-        Ok(Self { mailboxes: mailboxes.into(), next: AtomicUsize::new(0) })
+        let mut reactors = Vec::with_capacity(count);
+        for index in 0..count {
+            let mailbox = Arc::new(Mailbox::new(registry.clone(), RingList::new(app_wake.clone())));
+            let core = Core::new(context.clone(), registry.clone())?;
+            let epoll_fd = core.poll.as_raw_fd();
+            if count > 1 {
+                inline.poll.registry().register(
+                    &mut SourceFd(&epoll_fd),
+                    Token(index),
+                    Interest::READABLE,
+                )?;
+            } else {
+                watch_level_triggered(&core.poll, wake_fd, WAKE_TOKEN)?;
+            }
+            let watch = WatchSet::new(epoll_fd)?;
+            let reactor =
+                Arc::new(Reactor { core: Mutex::new(core), mailbox, watch, task_timer: Mutex::new(None) });
+            runtime.spawn(Task::new(reactor.clone())?.run());
+            reactors.push(reactor);
+        }
+        Ok(Self { reactors: reactors.into(), next: AtomicUsize::new(0), inline: Mutex::new(inline) })
     }
 
     /// The mailbox of the reactor that takes the next session.
     pub(crate) fn next(&self) -> &Arc<Mailbox> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.mailboxes.len();
-        &self.mailboxes[index]
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.reactors.len();
+        &self.reactors[index].mailbox
+    }
+
+    /// The application thread waits up to `timeout` for events and moves them
+    /// to `out`. If nothing is waiting and no reactor is being served, it
+    /// serves them all itself while it waits (see the module docs); otherwise
+    /// it waits on the queue for the I/O threads.
+    pub(crate) fn wait(&self, events: &EventQueue, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
+        let taken = events.wait(Some(Duration::ZERO), out);
+        if taken > 0 {
+            return taken;
+        }
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let handed_back = match self.inline.try_lock() {
+            Ok(mut inline) => self.serve_inline(&mut inline, events, deadline),
+            Err(_) => true,
+        };
+        let taken = events.wait(Some(Duration::ZERO), out);
+        if taken > 0 || !handed_back {
+            return taken;
+        }
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        events.wait(left, out)
+    }
+
+    /// Serves every reactor on this thread until there are events, `deadline`
+    /// passes, or the load is more than inline serving should take. Returns
+    /// whether the reactors were handed back to their tasks with work (or
+    /// could not be taken at all): then their events are still to come.
+    fn serve_inline(&self, inline: &mut Inline, events: &EventQueue, deadline: Option<Instant>) -> bool {
+        let mut cores = Vec::with_capacity(self.reactors.len());
+        for reactor in self.reactors.iter() {
+            match reactor.try_core() {
+                Some(core) => cores.push(core),
+                // A task is serving: its events are on their way.
+                None => return true,
+            }
+        }
+        for reactor in self.reactors.iter() {
+            reactor.watch.disarm();
+            reactor.mailbox.rings.begin_inline();
+        }
+        let mut loaded = false;
+        loop {
+            let mut ready = 0;
+            let now = Instant::now();
+            for (core, reactor) in cores.iter_mut().zip(self.reactors.iter()) {
+                reactor.mailbox.rings.look_inline();
+                core.take_arrivals(&reactor.mailbox);
+                core.take_rings(&reactor.mailbox.rings);
+                core.sessions.list_due(now);
+                ready += core.sessions.ready.len();
+            }
+            if ready > INLINE_SESSIONS {
+                loaded = true;
+                break;
+            }
+            if ready > 0 {
+                for core in cores.iter_mut() {
+                    core.sessions.serve_listed(SERVES_PER_POLL);
+                }
+                if events.is_empty() {
+                    continue;
+                }
+                break;
+            }
+            if !events.is_empty() || deadline.is_some_and(|d| now >= d) {
+                break;
+            }
+            // Nothing to do: wait for the sockets (at once if some are ready
+            // already), the wake descriptor, or the nearest deadline.
+            let nearest = cores.iter().filter_map(|core| core.next_deadline()).min();
+            let until = match (deadline, nearest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = until.map(|until| until.saturating_duration_since(now));
+            if !events.begin_fd_wait() {
+                break;
+            }
+            match &mut cores[..] {
+                // One reactor: its own set holds the wake descriptor, so one
+                // epoll_wait waits for both and lists the sockets.
+                [core] => {
+                    core.take_ready_sockets(timeout);
+                }
+                cores => {
+                    inline.wait(timeout);
+                    for core in cores.iter_mut() {
+                        core.take_ready_sockets(Some(Duration::ZERO));
+                    }
+                }
+            }
+            events.end_fd_wait();
+        }
+        // Its signals are this thread's alone; none may keep the reactors' sets
+        // readable once their tasks watch them again.
+        events.end_fd_wait();
+        let mut owed = Vec::with_capacity(cores.len());
+        for (core, reactor) in cores.iter_mut().zip(self.reactors.iter()) {
+            let rung = reactor.mailbox.rings.end_inline();
+            let task_timer = *reactor.task_timer.lock().unwrap_or_else(|e| e.into_inner());
+            let sooner = core.next_deadline().is_some_and(|at| task_timer.is_none_or(|timer| at < timer));
+            owed.push(loaded || rung || sooner || !core.sessions.ready.is_empty());
+            // Ready sockets (unread, or waiting for room to write) wake the task from here on.
+            reactor.watch.arm();
+        }
+        drop(cores);
+        // Woken once their state is free, so they can take it.
+        for (reactor, owed) in self.reactors.iter().zip(owed) {
+            if owed {
+                reactor.mailbox.rings.wake_task();
+            }
+        }
+        loaded
     }
 }
 
-struct Reactor {
-    mailbox: Arc<Mailbox>,
-    poll: AsyncFd<mio::Poll>,
+/// Adds `fd` to `set` level-triggered (mio only registers edge-triggered): the
+/// wake descriptor is reported for as long as it is signalled and not drained,
+/// so a look that does not drain it cannot swallow the wakeup of the wait after.
+fn watch_level_triggered(set: &mio::Poll, fd: RawFd, token: Token) -> io::Result<()> {
+    let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token.0 as u64 };
+    // SAFETY: both descriptors are open; `event` lives through the call.
+    let result = unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+impl Inline {
+    /// Blocks until a reactor's set or the wake descriptor is readable, or
+    /// `timeout` passes (`None`: no limit).
+    fn wait(&mut self, timeout: Option<Duration>) {
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => log::error!(target: "servercore", "inline wait: epoll_wait failed: {error}"),
+        }
+    }
+}
+
+/// What a reactor serves, whoever serves it: its epoll set and its sessions.
+struct Core {
+    poll: mio::Poll,
     events: Events,
     sessions: Sessions,
     /// Buffers swapped with the mailbox's, so that taking them is one lock.
     rung: Vec<u32>,
     arrivals: Vec<Connection>,
-    /// Set to the nearest deadline of any session.
-    timer: Pin<Box<Sleep>>,
-    timer_at: Option<Instant>,
 }
 
 /// The sessions of one reactor and what it owes them.
@@ -205,19 +414,10 @@ impl Sessions {
     }
 }
 
-impl Reactor {
-    fn new(
-        mailbox: Arc<Mailbox>,
-        context: Arc<SessionContext>,
-        registry: Arc<SessionRegistry>,
-    ) -> io::Result<Self> {
-        // SAFETY: a `mio::Poll` owns its epoll descriptor and keeps it, unchanged,
-        // until it is dropped with the `AsyncFd`.
-        let poll =
-            unsafe { AsyncFd::register_with_interest(mio::Poll::new()?, tokio::io::Interest::READABLE)? };
+impl Core {
+    fn new(context: Arc<SessionContext>, registry: Arc<SessionRegistry>) -> io::Result<Self> {
         Ok(Self {
-            mailbox,
-            poll,
+            poll: mio::Poll::new()?,
             events: Events::with_capacity(EVENTS_PER_WAIT),
             sessions: Sessions {
                 context,
@@ -229,54 +429,19 @@ impl Reactor {
             },
             rung: Vec::new(),
             arrivals: Vec::new(),
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            timer_at: None,
         })
-    }
-
-    async fn run(mut self) {
-        loop {
-            std::future::poll_fn(|cx| self.serve_until_idle(cx)).await;
-            // Still busy. `yield_now` hands the waker to the scheduler, which
-            // wakes it after the other ready tasks and the runtime's own I/O and
-            // timer drivers: waking ourselves would run us again at once, and a
-            // reactor that is never idle would starve the accept loop.
-            tokio::task::yield_now().await;
-        }
-    }
-
-    /// Serves until every source is idle (pending, with the waker) or the
-    /// budget is used up (ready).
-    fn serve_until_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut budget = SERVES_PER_POLL;
-        for _ in 0..ROUNDS_PER_POLL {
-            self.mailbox.rings.start_looking(cx.waker());
-            self.take_arrivals();
-            self.take_rings();
-            let sockets_ready = self.take_ready_sockets(cx);
-            let deadline_passed = self.take_deadlines(cx);
-            if self.sessions.ready.is_empty() && !sockets_ready && !deadline_passed {
-                // Every source has the waker: the mailbox, the epoll set, the timer.
-                return Poll::Pending;
-            }
-            budget -= self.sessions.serve_listed(budget);
-            if budget == 0 {
-                break;
-            }
-        }
-        Poll::Ready(())
     }
 
     /// Takes in the connections handed over since the last look; each is
     /// served once (a doorbell rung before it arrived is answered then).
-    fn take_arrivals(&mut self) {
-        if let Some(arrivals) = self.mailbox.arrivals.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+    fn take_arrivals(&mut self, mailbox: &Mailbox) {
+        if let Some(arrivals) = mailbox.arrivals.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             std::mem::swap(arrivals, &mut self.arrivals);
         }
         for mut connection in self.arrivals.drain(..) {
             let entry = self.sessions.slab.vacant_entry();
             let key = entry.key();
-            let registered = self.poll.get_ref().registry().register(
+            let registered = self.poll.registry().register(
                 connection.stream_mut(),
                 Token(key),
                 Interest::READABLE | Interest::WRITABLE,
@@ -294,42 +459,19 @@ impl Reactor {
         }
     }
 
-    fn take_rings(&mut self) {
-        self.mailbox.rings.take(&mut self.rung);
+    fn take_rings(&mut self, rings: &RingList) {
+        rings.take(&mut self.rung);
         for key in self.rung.drain(..) {
             self.sessions.list(key as usize);
         }
     }
 
-    /// Lists every socket the epoll set reports ready. Returns whether it
-    /// reported any; when it has none, tokio has the task's waker for it.
-    fn take_ready_sockets(&mut self, cx: &mut Context<'_>) -> bool {
-        // The epoll set is asked first, not tokio: while the reactor stays busy
-        // the runtime polls its own driver only between the reactor's polls,
-        // and sockets need not wait for that. Tokio is asked only when the set
-        // is empty; a readiness it reports is cleared and the set asked again,
-        // so an event between the empty wait and the clear is not lost.
+    /// Lists every socket the epoll set reports ready, waiting up to `timeout`
+    /// for one (`None`: no limit); returns whether it listed any.
+    fn take_ready_sockets(&mut self, timeout: Option<Duration>) -> bool {
         loop {
-            if self.wait_for_events() {
-                self.list_events();
-                return true;
-            }
-            match self.poll.poll_read_ready_mut(cx) {
-                Poll::Pending => return false,
-                Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
-                Poll::Ready(Err(error)) => {
-                    log::error!(target: "servercore", "reactor: waiting for readiness failed: {error}");
-                    return false;
-                }
-            }
-        }
-    }
-
-    /// One `epoll_wait` that does not block; returns whether it found events.
-    fn wait_for_events(&mut self) -> bool {
-        loop {
-            match self.poll.get_mut().poll(&mut self.events, Some(Duration::ZERO)) {
-                Ok(()) => return !self.events.is_empty(),
+            match self.poll.poll(&mut self.events, timeout) {
+                Ok(()) => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
                     log::error!(target: "servercore", "reactor: epoll_wait failed: {error}");
@@ -337,27 +479,226 @@ impl Reactor {
                 }
             }
         }
-    }
-
-    fn list_events(&mut self) {
+        let mut listed = false;
         for event in self.events.iter() {
             let key = event.token().0;
+            // The application thread's wake descriptor (in a lone reactor's set) is not a socket.
             let Some(connection) = self.sessions.slab.get_mut(key) else { continue };
+            listed = true;
             // A closed or failed socket is "ready": the next read or write says how.
             let failed = event.is_error();
             connection.note_ready(
                 event.is_readable() || event.is_read_closed() || failed,
                 event.is_writable() || event.is_write_closed() || failed,
+                event.is_read_closed() || failed,
             );
             self.sessions.list(key);
+        }
+        listed
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.sessions.deadlines.peek().map(|&Reverse((at, ..))| at)
+    }
+
+    /// Ends every connection, with `fallback` as the reason of those that
+    /// have none of their own.
+    fn retire_all(&mut self, fallback: DisconnectReason) {
+        let slab = std::mem::take(&mut self.sessions.slab);
+        let arrivals = std::mem::take(&mut self.arrivals);
+        for mut connection in slab.into_iter().map(|(_, boxed)| *boxed).chain(arrivals) {
+            connection.seal(fallback);
+            retire(connection, &self.sessions.registry);
+        }
+        connection::queue_events(&self.sessions.context.events);
+    }
+}
+
+/// An epoll set holding one other epoll set, the reactor's: what the task
+/// watches (through tokio) to learn that the reactor's sockets are ready. It
+/// can be disarmed and armed again by whoever serves the reactor, with one
+/// system call and no wakeup.
+struct WatchSet {
+    fd: OwnedFd,
+    watched: RawFd,
+}
+
+impl WatchSet {
+    fn new(watched: RawFd) -> io::Result<Self> {
+        // SAFETY: no pointers; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let set = Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, watched };
+        set.control(libc::EPOLL_CTL_ADD, Self::ARMED)?;
+        Ok(set)
+    }
+
+    const ARMED: u32 = (libc::EPOLLIN | libc::EPOLLET) as u32;
+
+    /// Readiness of the reactor's set no longer reaches the task.
+    fn disarm(&self) {
+        if let Err(error) = self.control(libc::EPOLL_CTL_MOD, 0) {
+            log::error!(target: "servercore", "reactor: disarming the watch set failed: {error}");
+        }
+    }
+
+    /// Readiness reaches the task again; what is ready now is reported at once.
+    fn arm(&self) {
+        if let Err(error) = self.control(libc::EPOLL_CTL_MOD, Self::ARMED) {
+            log::error!(target: "servercore", "reactor: arming the watch set failed: {error}");
+        }
+    }
+
+    /// Takes what the set reports, so that the next readiness is a new edge.
+    fn drain(&self) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for one event; no wait.
+        unsafe { libc::epoll_wait(self.fd.as_raw_fd(), &mut event, 1, 0) };
+    }
+
+    fn control(&self, op: libc::c_int, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: 0 };
+        // SAFETY: both descriptors are open; `event` lives through the call.
+        let result = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, self.watched, &mut event) };
+        if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+/// The watch set's descriptor, as tokio sees it.
+struct WatchFd(RawFd);
+
+impl AsRawFd for WatchFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The I/O thread's side of a reactor: a tokio task that serves it when its
+/// sockets, its doorbells or its deadlines say so, unless the application
+/// thread is serving it.
+struct Task {
+    // Field order matters: `readiness` deregisters the descriptor before
+    // `reactor`, which may be the last owner of its watch set, closes it.
+    readiness: AsyncFd<WatchFd>,
+    reactor: Arc<Reactor>,
+    /// Set to the nearest deadline of any session.
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+}
+
+impl Task {
+    fn new(reactor: Arc<Reactor>) -> io::Result<Self> {
+        let watch = WatchFd(reactor.watch.fd.as_raw_fd());
+        // SAFETY: the descriptor belongs to the reactor's watch set, which the
+        // task's `reactor` keeps open, unchanged, until after `readiness` is dropped.
+        let readiness = unsafe { AsyncFd::register_with_interest(watch, tokio::io::Interest::READABLE)? };
+        Ok(Self { readiness, reactor, timer: Box::pin(tokio::time::sleep(Duration::ZERO)), timer_at: None })
+    }
+
+    async fn run(mut self) {
+        loop {
+            std::future::poll_fn(|cx| self.serve_until_idle(cx)).await;
+            // Still busy. `yield_now` hands the waker to the scheduler, which
+            // wakes it after the other ready tasks and the runtime's own I/O and
+            // timer drivers: waking ourselves would run us again at once, and a
+            // reactor that is never idle would starve the accept loop.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Serves until every source is idle (pending, with the waker) or the
+    /// budget is used up (ready). While the application thread serves the
+    /// reactor, waits for it to hand the reactor back.
+    fn serve_until_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let reactor = self.reactor.clone();
+        let rings = &reactor.mailbox.rings;
+        let mut core = match reactor.try_core() {
+            Some(core) => core,
+            None => {
+                // The application thread serves it. Whatever woke us, the task
+                // must be registered with every source when it hands back: the
+                // rings now, the watch set (disarmed meanwhile) too.
+                rings.wait_for_reactor(cx.waker());
+                // Disarmed meanwhile, the watch set reports nothing new: a
+                // readiness found here is an old one, and clearing it is enough.
+                reactor.watch.drain();
+                for _ in 0..4 {
+                    if self.register_readiness(cx) {
+                        break;
+                    }
+                }
+                *reactor.task_timer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                match reactor.try_core() {
+                    Some(core) => core,
+                    None => return Poll::Pending,
+                }
+            }
+        };
+        let mut budget = SERVES_PER_POLL;
+        for _ in 0..ROUNDS_PER_POLL {
+            rings.start_looking(cx.waker());
+            core.take_arrivals(&reactor.mailbox);
+            core.take_rings(rings);
+            let sockets_ready = self.take_ready_sockets(&mut core, cx);
+            let deadline_passed = self.take_deadlines(&mut core, cx);
+            if core.sessions.ready.is_empty() && !sockets_ready && !deadline_passed {
+                // Every source has the waker: the mailbox, the epoll set, the timer.
+                *reactor.task_timer.lock().unwrap_or_else(|e| e.into_inner()) = self.timer_at;
+                return Poll::Pending;
+            }
+            budget -= core.sessions.serve_listed(budget);
+            if budget == 0 {
+                break;
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Lists every socket the epoll set reports ready. Returns whether it
+    /// reported any; when it has none, tokio has the task's waker for it.
+    fn take_ready_sockets(&mut self, core: &mut Core, cx: &mut Context<'_>) -> bool {
+        // The epoll set is asked first, not tokio: while the reactor stays busy
+        // the runtime polls its own driver only between the reactor's polls,
+        // and sockets need not wait for that. Tokio is asked only when the set
+        // is empty; a readiness it reports is cleared and the set asked again,
+        // so an event between the empty wait and the clear is not lost.
+        loop {
+            // Drained before the look, never after: a socket that becomes ready
+            // after the look must leave the watch set readable for tokio to see.
+            self.reactor.watch.drain();
+            if core.take_ready_sockets(Some(Duration::ZERO)) {
+                return true;
+            }
+            if self.register_readiness(cx) {
+                return false;
+            }
+        }
+    }
+
+    /// Registers the task for the watch set's next readiness; returns false if
+    /// it says something became ready meanwhile (look at the sockets again).
+    fn register_readiness(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.readiness.poll_read_ready(cx) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(mut guard)) => {
+                guard.clear_ready();
+                false
+            }
+            Poll::Ready(Err(error)) => {
+                log::error!(target: "servercore", "reactor: waiting for readiness failed: {error}");
+                true
+            }
         }
     }
 
     /// Lists the sessions whose deadline passed and sets the timer to the next
     /// one. Returns whether the timer says another has passed already.
-    fn take_deadlines(&mut self, cx: &mut Context<'_>) -> bool {
-        self.sessions.list_due(Instant::now());
-        let Some(&Reverse((next, ..))) = self.sessions.deadlines.peek() else {
+    fn take_deadlines(&mut self, core: &mut Core, cx: &mut Context<'_>) -> bool {
+        core.sessions.list_due(Instant::now());
+        let Some(next) = core.next_deadline() else {
             self.timer_at = None;
             return false;
         };
@@ -369,21 +710,16 @@ impl Reactor {
     }
 }
 
-impl Drop for Reactor {
-    /// The runtime is shutting down (or the reactor panicked): every session
-    /// it serves or was handed ends here, with the service's stop reason if it
-    /// is stopping. Connections handed over later end as they arrive.
+impl Drop for Task {
+    /// The runtime is shutting down (or the task panicked): every session the
+    /// reactor serves or was handed ends here, with the service's stop reason
+    /// if it is stopping. Connections handed over later end as they arrive.
     fn drop(&mut self) {
-        let registry = &self.sessions.registry;
-        let fallback = registry.closed_with().unwrap_or(DisconnectReason::Reset);
-        let arrivals = self.mailbox.arrivals.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let slab = std::mem::take(&mut self.sessions.slab);
-        for mut connection in slab.into_iter().map(|(_, boxed)| *boxed).chain(arrivals.into_iter().flatten())
-        {
-            connection.seal(fallback);
-            retire(connection, registry);
-        }
-        connection::queue_events(&self.sessions.context.events);
+        let mut core = self.reactor.core.lock().unwrap_or_else(|e| e.into_inner());
+        let fallback = core.sessions.registry.closed_with().unwrap_or(DisconnectReason::Reset);
+        let arrivals = self.reactor.mailbox.arrivals.lock().unwrap_or_else(|e| e.into_inner()).take();
+        core.arrivals.extend(arrivals.into_iter().flatten());
+        core.retire_all(fallback);
     }
 }
 
@@ -406,7 +742,7 @@ mod tests {
     use crate::session::SessionHandle;
 
     fn context() -> Arc<SessionContext> {
-        Arc::new(SessionContext::new(SessionConfig::default()))
+        Arc::new(SessionContext::new(SessionConfig::default()).unwrap())
     }
 
     /// An accepted socket, ready for a reactor, and its peer.

@@ -35,33 +35,34 @@ pub struct ServiceShared {
     pub context: Arc<SessionContext>,
     pub registry: Arc<SessionRegistry>,
     pub pool: &'static SendBufferPool,
+    reactors: Reactors,
     next_id: AtomicU64,
 }
 
 impl ServiceShared {
-    fn new(config: ServiceConfig) -> Arc<Self> {
-        Arc::new(ServiceShared {
-            context: Arc::new(SessionContext::new(config.session.clone())),
+    /// The shared state, and the reactors it starts on `runtime`.
+    fn start(config: ServiceConfig, runtime: &tokio::runtime::Handle) -> io::Result<Arc<Self>> {
+        let context = Arc::new(SessionContext::new(config.session.clone())?);
+        let registry = Arc::new(SessionRegistry::default());
+        let reactors = Reactors::start(runtime, config.io_threads, &context, &registry)?;
+        Ok(Arc::new(ServiceShared {
+            context,
             config,
-            registry: Arc::default(),
+            registry,
             pool: SendBufferPool::global(),
+            reactors,
             next_id: AtomicU64::new(1),
-        })
+        }))
     }
 
     /// Registers a connected socket, announces it and hands it to a reactor. A
     /// stopping service closes it instead.
-    fn start_session(
-        self: &Arc<Self>,
-        reactors: &Reactors,
-        stream: mio::net::TcpStream,
-        peer: SocketAddr,
-    ) -> bool {
+    fn start_session(self: &Arc<Self>, stream: mio::net::TcpStream, peer: SocketAddr) -> bool {
         if let Err(error) = configure_socket(&stream, &self.config.session) {
             log::debug!(target: "servercore", "{peer}: socket options not applied: {error}");
         }
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let reactor = reactors.next();
+        let reactor = self.reactors.next();
         let handle = Arc::new(SessionHandle::new(
             id,
             peer,
@@ -88,9 +89,12 @@ impl ServiceShared {
         self.registry.broadcast(packet, exclude, &self.context.stats.send_queue_bytes)
     }
 
-    /// Waits up to `timeout` for events and appends them to `out`.
+    /// Waits up to `timeout` for events and appends them to `out`. While
+    /// nothing waits, the calling thread may serve the reactors itself (see
+    /// [`reactor`](crate::reactor)): only the application's one consuming
+    /// thread should call this.
     pub fn wait_events(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
-        self.context.events.wait(timeout, out)
+        self.reactors.wait(&self.context.events, timeout, out)
     }
 
     /// Ends the application's current (or next) wait for events at once.
@@ -112,7 +116,6 @@ impl ServiceShared {
 /// The part of a server or client that does not depend on which it is.
 pub struct Service {
     shared: Arc<ServiceShared>,
-    reactors: Arc<Reactors>,
     runtime: Option<Runtime>,
     accept_task: Option<JoinHandle<()>>,
 }
@@ -129,14 +132,8 @@ impl Service {
             .event_interval(1)
             .enable_all()
             .build()?;
-        let shared = ServiceShared::new(config);
-        let reactors = Arc::new(Reactors::start(
-            runtime.handle(),
-            shared.config.io_threads,
-            &shared.context,
-            &shared.registry,
-        )?);
-        Ok(Self { shared, reactors, runtime: Some(runtime), accept_task: None })
+        let shared = ServiceShared::start(config, runtime.handle())?;
+        Ok(Self { shared, runtime: Some(runtime), accept_task: None })
     }
 
     pub fn shared(&self) -> &Arc<ServiceShared> {
@@ -222,8 +219,8 @@ impl Server {
             // until it is dropped with the `AsyncFd`.
             unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE)? }
         };
-        let (shared, reactors) = (service.shared.clone(), service.reactors.clone());
-        service.accept_task = Some(runtime.spawn(accept_loop(listener, shared, reactors)));
+        let shared = service.shared.clone();
+        service.accept_task = Some(runtime.spawn(accept_loop(listener, shared)));
         Ok(Self { service, local_addr })
     }
 
@@ -263,7 +260,7 @@ impl Client {
     ) -> io::Result<(Self, ConnectReport)> {
         let service = Service::new(config, "client")?;
         let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
-        let (shared, reactors) = (service.shared.clone(), service.reactors.clone());
+        let shared = service.shared.clone();
         let timeout = shared.config.connect_timeout;
         let report = runtime.block_on(async {
             let mut attempts = tokio::task::JoinSet::new();
@@ -287,7 +284,7 @@ impl Client {
                 });
                 match connected {
                     Ok((peer, stream)) => {
-                        if shared.start_session(&reactors, stream, peer) {
+                        if shared.start_session(stream, peer) {
                             report.connected += 1;
                         }
                     }
@@ -338,11 +335,7 @@ fn configure_socket(stream: &impl AsFd, config: &SessionConfig) -> io::Result<()
     Ok(())
 }
 
-async fn accept_loop(
-    listener: AsyncFd<mio::net::TcpListener>,
-    shared: Arc<ServiceShared>,
-    reactors: Arc<Reactors>,
-) {
+async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<ServiceShared>) {
     let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
     let mut rejected = ThrottledLog::new(Duration::from_secs(5));
     let mut backoff = Duration::ZERO;
@@ -361,7 +354,7 @@ async fn accept_loop(
                     drop(stream);
                     continue;
                 }
-                shared.start_session(&reactors, stream, peer);
+                shared.start_session(stream, peer);
             }
             Err(error) if is_out_of_resources(&error) => {
                 // The pending connection stays in the backlog; retrying at once
