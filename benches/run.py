@@ -6,13 +6,15 @@
     python benches/run.py --quick   # a smoke run, well under a minute once loadgen is built
     python benches/run.py --workloads B1,E1 --repeat 5
 
-Each workload runs every server - servercore (its Python API), a plain asyncio
-server, the same on uvloop, and the floor (the servercore engine driven from
-Rust, no Python) - as a subprocess on a free loopback port, against the same
-Rust load client (benches/loadgen), alternating the servers round-robin within
-each repetition. It reports medians over the repetitions and ratios against
-servercore, as a markdown table on stdout and in benches/results/latest.md,
-with every run as a JSON line in benches/results/latest.jsonl.
+Each workload runs every server that has its mode - servercore (its Python
+API), a plain asyncio server, the same on uvloop, the floor (the servercore
+engine driven from Rust, no Python) and epoll (a one-thread epoll server with
+no servercore code: B1, M1, HELLO only) - as a subprocess on a free loopback
+port, against the same Rust load client (benches/loadgen), alternating the
+servers round-robin within each repetition. It reports medians, spreads and
+ratios of servercore against each server, as a markdown table on stdout and
+in benches/results/latest.md, with every run as a JSON line in
+benches/results/latest.jsonl.
 
 Workloads (their targets are in BENCHMARKS.md):
   B1        broadcast: 1000 clients, 5000 broadcasts of 64-byte payloads, every
@@ -20,6 +22,13 @@ Workloads (their targets are in BENCHMARKS.md):
   E1        echo: 1000 clients, 32 in flight each, 2000 each; on_recv_packet
             replies with session.send                    (round trips/s, RTT)
   L1        latency: 100 clients, 1 in flight, 2000 each          (RTT p50/p99/max)
+  R1        request/response: 3 clients, 1 in flight, 1000-byte payloads, the
+            reply sent from Python's on_recv_packet (round trips/s, RTT, server
+            CPU µs per round trip)
+  R1RAW     the same unframed (raw Session / Protocol echo), 1000-byte messages
+            (messages/s, RTT, server CPU µs per message)
+  RAW       raw echo: 100 clients, 8 messages of 1000 bytes in flight each,
+            every byte checked               (messages/s, server CPU µs per message)
   M1        server RSS per idle connection at 10,000 connections, Python
             session objects included: (RSS with N - RSS with 0) / N     (KiB)
   HELLO     the lecture's GameServer: 1000 clients receive a 1004-byte Hello
@@ -43,11 +52,11 @@ from typing import Any
 # benches/ is not a package: make benches/harness importable however this file is run.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.common import FLOOR, LOADGEN, RESULTS, BenchError, log  # noqa: E402
+from harness.common import EPOLL, FLOOR, LOADGEN, RESULTS, BenchError, log  # noqa: E402
 from harness.prepare import build_loadgen, check_python, extension_fingerprint, machine_info  # noqa: E402
 from harness.processes import ALL_SERVERS  # noqa: E402
 from harness.report import header, one_line, summarize, targets  # noqa: E402
-from harness.workloads import ALL_WORKLOADS, FULL, QUICK, run  # noqa: E402
+from harness.workloads import ALL_WORKLOADS, FULL, QUICK, run, servers_for  # noqa: E402
 
 
 def main() -> int:
@@ -76,8 +85,8 @@ def main() -> int:
         versions = check_python(servers)
         if not args.no_build:
             build_loadgen()
-        elif not (LOADGEN.exists() and FLOOR.exists()):
-            raise BenchError("--no-build given but benches/loadgen/target/release/{loadgen,floor} are missing")
+        elif not (LOADGEN.exists() and FLOOR.exists() and EPOLL.exists()):
+            raise BenchError("--no-build given but benches/loadgen/target/release/{loadgen,floor,epoll_floor} are missing")
     except BenchError as error:
         log(f"error: {error}")
         return 2
@@ -98,12 +107,12 @@ def main() -> int:
             records: list[dict[str, Any]] = []
             all_records[workload] = records
             p = params[workload]
-            for rep in range(repeat):
-                if workload == "DISPATCH":
-                    order = ["servercore"]
-                else:
-                    # Round-robin, starting one further each repetition.
-                    order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
+            mine = servers_for(workload, servers)
+            if not mine:
+                log(f"{workload}: none of --servers runs it; skipped")
+            for rep in range(repeat if mine else 0):
+                # Round-robin, starting one further each repetition.
+                order = mine[rep % len(mine) :] + mine[: rep % len(mine)]
                 for server in order:
                     log(f"[{time.monotonic() - started:6.1f}s] {workload} rep {rep + 1}/{repeat}: {server} ...")
                     t0 = time.monotonic()
@@ -132,7 +141,7 @@ def main() -> int:
         lines += [warning, ""]
         log(warning)
     for workload in workloads:
-        lines += summarize(workload, all_records.get(workload, []), servers, params[workload])
+        lines += summarize(workload, all_records.get(workload, []), servers_for(workload, servers), params[workload])
     lines += targets(all_records)
     report = "\n".join(lines)
     print(report)

@@ -11,6 +11,7 @@ REPO = BENCHES.parent
 LOADGEN_DIR = BENCHES / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "loadgen"
 FLOOR = LOADGEN_DIR / "target" / "release" / "floor"
+EPOLL = LOADGEN_DIR / "target" / "release" / "epoll_floor"
 SERVERS_DIR = BENCHES / "servers"
 RESULTS = BENCHES / "results"
 

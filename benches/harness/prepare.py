@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import FLOOR, LOADGEN, LOADGEN_DIR, REPO, BenchError, log
+from .common import EPOLL, FLOOR, LOADGEN, LOADGEN_DIR, REPO, BenchError, log
 
 
 def build_loadgen() -> None:
@@ -28,8 +28,8 @@ def build_loadgen() -> None:
         raise BenchError("building benches/loadgen took over 30 minutes") from None
     if done.returncode != 0:
         raise BenchError(f"building benches/loadgen failed:\n{done.stderr[-4000:]}")
-    if not (LOADGEN.exists() and FLOOR.exists()):
-        raise BenchError(f"cargo build succeeded but {LOADGEN} / {FLOOR} are missing")
+    if not (LOADGEN.exists() and FLOOR.exists() and EPOLL.exists()):
+        raise BenchError(f"cargo build succeeded but {LOADGEN} / {FLOOR} / {EPOLL} are missing")
     log(f"built in {time.monotonic() - t0:.1f} s")
 
 

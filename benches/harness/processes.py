@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import FLOOR, LOADGEN, REPO, SERVERS_DIR, BenchError
+from .common import EPOLL, FLOOR, LOADGEN, REPO, SERVERS_DIR, BenchError
 
-ALL_SERVERS = ["servercore", "asyncio", "uvloop", "floor"]
+ALL_SERVERS = ["servercore", "asyncio", "uvloop", "floor", "epoll"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -31,6 +31,8 @@ def server_argv(server: str, mode: str) -> list[str]:
         return [sys.executable, str(SERVERS_DIR / "asyncio_server.py"), "--port", "0", "--mode", mode, "--uvloop"]
     if server == "floor":
         return [str(FLOOR), "--port", "0", "--mode", mode]
+    if server == "epoll":
+        return [str(EPOLL), "--port", "0", "--mode", mode]
     raise ValueError(server)
 
 

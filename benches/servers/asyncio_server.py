@@ -8,9 +8,10 @@ broadcast that finds a transport paused (pause_writing) waits until it is
 resumed (or lost) before writing to it again; an echo session whose transport
 is paused stops reading until it is resumed.
 
-Modes are those of servercore_server.py (broadcast, echo, hello, idle), and
-every mode answers the 0xFFF1 "how many sessions" query. Prints
-"listening <port>" when ready.
+Modes are those of servercore_server.py (broadcast, echo, hello, idle,
+raw-echo), and every framed mode answers the 0xFFF1 "how many sessions"
+query. raw-echo is data_received -> transport.write(data), no framing, with
+the same flow control as echo. Prints "listening <port>" when ready.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ ID_CONTROL = 0xFFF0
 ID_QUERY = 0xFFF1
 MAX_PACKET_SIZE = 4096
 HELLO_PERIOD = 0.25
+
+# Modes where a session whose transport is paused stops reading until resumed.
+ECHO_MODES = ("echo", "raw-echo")
 
 HEADER = struct.Struct("<HH")
 U32 = struct.Struct("<I")
@@ -72,12 +76,12 @@ class BenchProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.hub.mode == "echo" and self.transport is not None:
+        if self.hub.mode in ECHO_MODES and self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.hub.mode == "echo" and self.transport is not None and not self.closed:
+        if self.hub.mode in ECHO_MODES and self.transport is not None and not self.closed:
             self.transport.resume_reading()
         self._wake()
 
@@ -124,6 +128,13 @@ class BenchProtocol(asyncio.Protocol):
             self.hub.broadcasting = asyncio.ensure_future(broadcast(self.hub, packets, max(4, size)))
 
 
+class RawEchoProtocol(BenchProtocol):
+    """raw-echo: the bytes go back as they came; no framing, no query."""
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
 async def send_to_all(hub: Hub, packet: bytes) -> None:
     """transport.write per recipient, waiting for any paused one to resume."""
     for session in list(hub.sessions):
@@ -164,8 +175,9 @@ async def hello_loop(hub: Hub) -> None:
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     hub = Hub(args.mode)
+    protocol = RawEchoProtocol if args.mode == "raw-echo" else BenchProtocol
     server = await loop.create_server(
-        lambda: BenchProtocol(hub), "127.0.0.1", args.port, backlog=args.backlog, reuse_address=True
+        lambda: protocol(hub), "127.0.0.1", args.port, backlog=args.backlog, reuse_address=True
     )
     port = server.sockets[0].getsockname()[1]
     print(f"listening {port}", flush=True)
@@ -184,7 +196,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--mode", choices=["broadcast", "echo", "hello", "idle"], required=True)
+    parser.add_argument("--mode", choices=["broadcast", "echo", "hello", "idle", "raw-echo"], required=True)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's own loop")
     parser.add_argument("--backlog", type=int, default=1024)
     args = parser.parse_args()

@@ -8,6 +8,8 @@ Modes (every mode also answers the 0xFFF1 "how many sessions" query):
   echo       every id-2 packet is sent back as is, from on_recv_packet
   hello      the lecture's GameServer: a 1004-byte Hello World to all, every 250 ms
   idle       accept and hold (each session is a PacketSession object)
+  raw-echo   a raw Session: on_recv sends the bytes back as they are and
+             consumes them all (no framing, so no 0xFFF1 query either)
 
 Prints "listening <port>" when ready. On SIGTERM/SIGINT it prints its
 stats() as one JSON line on stderr and exits.
@@ -24,7 +26,7 @@ import struct
 import sys
 import time
 
-from servercore import PacketSession, SendBuffer, Server
+from servercore import PacketSession, SendBuffer, Server, Session
 
 ID_BROADCAST = 1
 ID_ECHO = 2
@@ -58,6 +60,14 @@ class EchoOnlySession(PacketSession):
             self.send(ID_QUERY, struct.pack("<I", len(server)))
 
 
+class RawEchoSession(Session):
+    """raw-echo mode: the README's echo server."""
+
+    def on_recv(self, data: bytes) -> int:
+        self.send(data)
+        return len(data)
+
+
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -76,7 +86,7 @@ def main() -> int:
     global server, job
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--mode", choices=["broadcast", "echo", "hello", "idle"], required=True)
+    parser.add_argument("--mode", choices=["broadcast", "echo", "hello", "idle", "raw-echo"], required=True)
     parser.add_argument("--io-threads", type=int, default=None)
     parser.add_argument("--max-sessions", type=int, default=20_000)
     parser.add_argument("--poll-every", type=int, default=64, help="broadcasts between two poll(0) calls")
@@ -89,7 +99,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
 
-    session_class = EchoOnlySession if args.mode == "echo" else BenchSession
+    session_class = {"echo": EchoOnlySession, "raw-echo": RawEchoSession}.get(args.mode, BenchSession)
     server = Server(
         session_class,
         "127.0.0.1",

@@ -15,6 +15,11 @@
 //!
 //! Every packet is checked; any mismatch is an error, counted in the JSON line,
 //! and makes the exit status non-zero.
+//!
+//! `raw-echo` is the exception to the protocol: it speaks to a raw echo server
+//! (bytes back as they came, no header), so it has no 0xFFF1 handshake.
+//! Instead every connection first sends a probe message and waits for it to
+//! come back whole; the clock starts once every connection's probe is back.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -54,6 +59,8 @@ enum Command {
     Idle(IdleArgs),
     /// Send `count` tiny packets as fast as possible (the dispatch floor).
     Flood(FloodArgs),
+    /// RAW / R1RAW: unframed echo; every byte checked in order against what was sent.
+    RawEcho(RawEchoArgs),
 }
 
 #[derive(Args, Clone)]
@@ -69,7 +76,8 @@ struct Common {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// Skip the 0xFFF1 "how many sessions" handshake after connecting.
+    /// Skip the 0xFFF1 "how many sessions" handshake after connecting
+    /// (raw-echo has none: its probe message cannot be skipped).
     #[arg(long)]
     no_ready_check: bool,
 }
@@ -160,6 +168,25 @@ struct FloodArgs {
     hold: f64,
 }
 
+#[derive(Args)]
+struct RawEchoArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Messages outstanding per client (inflight × size at most 256 KiB).
+    #[arg(long, default_value_t = 4)]
+    inflight: usize,
+    /// Messages per client, after the probe.
+    #[arg(long, default_value_t = 2000)]
+    count: u64,
+    /// Bytes per message.
+    #[arg(long, default_value_t = 1000)]
+    size: usize,
+    #[arg(long, default_value = "RAW")]
+    label: String,
+}
+
 fn main() {
     let cli = Cli::parse();
     servercore_loadgen::raise_nofile_limit();
@@ -181,6 +208,7 @@ fn main() {
             }
             Command::Idle(args) => idle(args).await,
             Command::Flood(args) => flood(args).await,
+            Command::RawEcho(args) => raw_echo(args).await,
         }
     });
     let _ = io::stdout().flush();
@@ -953,4 +981,251 @@ async fn flood_run(args: FloodArgs) -> Result<i32, String> {
     }
     drop(kept);
     Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+// ---------------------------------------------------------------- raw echo
+
+/// Raw echo checks bytes, not packets: no in-band sequence numbers and no
+/// timestamps on the wire. Message `msg` of client `client` is `size` bytes of
+/// a splitmix64 stream seeded by the pair, so every byte is a fixed function
+/// of (client, message, offset): a lost, duplicated, reordered or altered byte,
+/// or one from another connection, is a mismatch at a known place. Message 0
+/// is each connection's probe; the measured ones are 1..=count.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Appends message `msg` of `client` (`size` bytes) to `out`.
+fn put_raw_message(out: &mut Vec<u8>, client: u64, msg: u64, size: usize) {
+    let seed = splitmix64(client ^ splitmix64(msg ^ 0x5241_5745_4348_4F00));
+    let start = out.len();
+    out.reserve(size.div_ceil(8) * 8);
+    for w in 0..size.div_ceil(8) as u64 {
+        out.extend_from_slice(&splitmix64(seed.wrapping_add(w)).to_le_bytes());
+    }
+    out.truncate(start + size);
+}
+
+/// Compares `got` with `want`; on a difference, says where.
+fn check_raw(got: &[u8], want: &[u8], client: usize, msg: u64, offset: usize) -> Result<(), String> {
+    if got == want {
+        return Ok(());
+    }
+    let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+    Err(format!(
+        "client {client}, message {msg}, byte {}: got {:#04x}, sent {:#04x}",
+        offset + i,
+        got[i],
+        want[i]
+    ))
+}
+
+async fn raw_echo(args: RawEchoArgs) -> i32 {
+    let label = args.label.clone();
+    match raw_echo_run(args).await {
+        Ok(code) => code,
+        Err(e) => fail(&label, &e),
+    }
+}
+
+/// Sends the probe (message 0) and reads until all of it is back.
+async fn raw_probe(mut stream: TcpStream, client: usize, size: usize) -> Result<TcpStream, String> {
+    let mut probe = Vec::with_capacity(size);
+    put_raw_message(&mut probe, client as u64, 0, size);
+    stream.write_all(&probe).await.map_err(|e| format!("client {client}: probe: write: {e}"))?;
+    let mut buf = vec![0u8; size.max(64)];
+    let mut got = 0;
+    while got < size {
+        let n = stream.read(&mut buf[..size - got]).await.map_err(|e| format!("client {client}: probe: read: {e}"))?;
+        if n == 0 {
+            return Err(format!("client {client}: server closed the connection after {got} of {size} probe bytes"));
+        }
+        check_raw(&buf[..n], &probe[got..got + n], client, 0, got)?;
+        got += n;
+    }
+    Ok(stream)
+}
+
+async fn raw_echo_run(args: RawEchoArgs) -> Result<i32, String> {
+    let RawEchoArgs { common, clients, inflight, count, size, label } = args;
+    let addr = address(&common)?;
+    if clients == 0 || inflight == 0 || size == 0 || count == 0 {
+        return Err("--clients, --inflight, --count and --size must be at least 1".into());
+    }
+    if inflight * size > 256 * 1024 {
+        // One task reads and writes each connection: more than the socket
+        // buffers hold in flight could deadlock with a server that stops
+        // reading while it cannot write (asyncio's flow control).
+        return Err("--inflight × --size must be at most 256 KiB".into());
+    }
+    let timeout = Duration::from_secs_f64(common.timeout);
+    let connecting = Instant::now();
+    let streams = connect_all(addr, clients, common.connect_concurrency).await?;
+    // The probes: the clock starts only once the server serves every connection.
+    let mut probes = JoinSet::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        probes.spawn(async move { (i, raw_probe(stream, i, size).await) });
+    }
+    let mut ready: Vec<Option<TcpStream>> = (0..clients).map(|_| None).collect();
+    let probe_deadline = Instant::now() + timeout;
+    while !probes.is_empty() {
+        let left = probe_deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, probes.join_next()).await {
+            Ok(Some(Ok((i, Ok(stream))))) => ready[i] = Some(stream),
+            Ok(Some(Ok((_, Err(e))))) => return Err(e),
+            Ok(Some(Err(e))) => return Err(format!("probe task failed: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                let back = ready.iter().filter(|s| s.is_some()).count();
+                return Err(format!("only {back} of {clients} probes came back within {:.1} s", timeout.as_secs_f64()));
+            }
+        }
+    }
+    let ready_seconds = connecting.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, stream) in ready.into_iter().enumerate() {
+        let stream = stream.expect("every probe accounted for");
+        tasks.spawn(async move { (i, raw_echo_client(stream, i, inflight, count, size, started).await) });
+    }
+    let mut rtts: Vec<u64> = Vec::with_capacity(clients * count as usize);
+    let mut last_done = started;
+    let mut errors = Vec::new();
+    let deadline = started + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tasks.join_next()).await {
+            Ok(Some(Ok((_, Ok((samples, done)))))) => {
+                rtts.extend_from_slice(&samples);
+                last_done = last_done.max(done);
+            }
+            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
+            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                errors.push(format!(
+                    "timeout after {:.1} s with {} clients unfinished",
+                    timeout.as_secs_f64(),
+                    tasks.len()
+                ));
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    let seconds = last_done.duration_since(started).as_secs_f64();
+    rtts.sort_unstable();
+    let messages = rtts.len() as u64;
+    for e in errors.iter().take(10) {
+        eprintln!("loadgen {label}: {e}");
+    }
+    let ok = seconds > 0.0 && errors.is_empty();
+    let rate = if ok { messages as f64 / seconds } else { 0.0 };
+    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
+    println!(
+        "{{\"workload\":{},\"clients\":{},\"inflight\":{},\"count_per_client\":{},\"size\":{},\"messages\":{},\"bytes\":{},\"ready_seconds\":{:.6},\"seconds\":{:.6},\"messages_per_sec\":{:.1},\"mbytes_per_sec\":{:.2},\"rtt_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"errors\":{}{}}}",
+        json_str(&label),
+        clients,
+        inflight,
+        count,
+        size,
+        messages,
+        messages * size as u64,
+        ready_seconds,
+        seconds,
+        rate,
+        if ok { (messages * size as u64) as f64 / seconds / 1e6 } else { 0.0 },
+        micros(percentile(&rtts, 0.50)),
+        micros(percentile(&rtts, 0.99)),
+        micros(percentile(&rtts, 0.999)),
+        micros(rtts.last().copied().unwrap_or(0)),
+        errors.len(),
+        first
+    );
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// One raw echo client: `inflight` messages outstanding, a new one for each
+/// that came back whole, until `count` came back. The echoed stream is read in
+/// whatever pieces it arrives and checked byte for byte against the messages
+/// in the order they were sent. A message's RTT runs from the write that sent
+/// it to the read that brought its last byte. Returns the RTTs (ns) and when
+/// the client finished.
+async fn raw_echo_client(
+    mut stream: TcpStream,
+    client: usize,
+    inflight: usize,
+    count: u64,
+    size: usize,
+    epoch: Instant,
+) -> Result<(Vec<u64>, Instant), String> {
+    let id = client as u64;
+    let mut rtts = Vec::with_capacity(count as usize);
+    let mut pending: VecDeque<u64> = VecDeque::with_capacity(inflight);
+    let mut out = Vec::with_capacity(inflight * size);
+    // The message being received (number `received + 1`) and how much of it is back.
+    let mut expect = Vec::with_capacity(size);
+    let mut matched = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent: u64 = 0;
+    let mut received: u64 = 0;
+    let first = (inflight as u64).min(count);
+    for _ in 0..first {
+        sent += 1;
+        put_raw_message(&mut out, id, sent, size);
+    }
+    let now = epoch.elapsed().as_nanos() as u64;
+    pending.extend(std::iter::repeat_n(now, first as usize));
+    stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+    out.clear();
+    put_raw_message(&mut expect, id, 1, size);
+    while received < count {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => return Err(format!("server closed the connection after {received} of {count} messages")),
+            Ok(n) => n,
+            Err(e) => return Err(format!("read after {received} of {count} messages: {e}")),
+        };
+        let arrived = epoch.elapsed().as_nanos() as u64;
+        let mut data = &buf[..n];
+        let mut completed = 0u64;
+        while !data.is_empty() {
+            if received == count {
+                return Err(format!("{} bytes after the last of {count} messages", data.len()));
+            }
+            if pending.is_empty() {
+                return Err(format!("bytes of message {} back before it was sent", received + 1));
+            }
+            let take = (size - matched).min(data.len());
+            check_raw(&data[..take], &expect[matched..matched + take], client, received + 1, matched)?;
+            matched += take;
+            data = &data[take..];
+            if matched == size {
+                let sent_ns = pending.pop_front().expect("checked above");
+                rtts.push(arrived.saturating_sub(sent_ns));
+                received += 1;
+                completed += 1;
+                matched = 0;
+                if received < count {
+                    expect.clear();
+                    put_raw_message(&mut expect, id, received + 1, size);
+                }
+            }
+        }
+        if completed > 0 && sent < count {
+            let more = completed.min(count - sent);
+            for _ in 0..more {
+                sent += 1;
+                put_raw_message(&mut out, id, sent, size);
+            }
+            let now = epoch.elapsed().as_nanos() as u64;
+            pending.extend(std::iter::repeat_n(now, more as usize));
+            stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+            out.clear();
+        }
+    }
+    Ok((rtts, Instant::now()))
 }

@@ -2,7 +2,10 @@
 //! crate, driven from a plain Rust event loop. No Python anywhere, so it is
 //! what servercore could do if dispatch cost nothing.
 //!
-//! floor --port P --mode broadcast|echo|hello|idle
+//! floor --port P --mode broadcast|echo|hello|idle|raw-echo
+//!
+//! raw-echo: raw framing (servercore's `Session`); every read goes back as it
+//! came, the received `Bytes` queued as is (no copy).
 //! Prints "listening <port>" once it accepts connections.
 
 use std::io::Write;
@@ -13,7 +16,8 @@ use std::time::{Duration, Instant};
 use _core::coalesce::{self, WriteBatch};
 use _core::frame::PacketRun;
 use _core::send_buffer::SendBufferPool;
-use _core::{Application, DisconnectReason, Known, Server, ServiceConfig, SessionHandle};
+use _core::{Application, DisconnectReason, Framing, Known, Server, ServiceConfig, SessionHandle};
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 
 const ID_BROADCAST: u16 = 1;
@@ -28,6 +32,7 @@ enum Mode {
     Echo,
     Hello,
     Idle,
+    RawEcho,
 }
 
 #[derive(Parser)]
@@ -83,6 +88,12 @@ impl Application for App {
         }
     }
 
+    fn received(&mut self, session: &mut Known<()>, data: &Bytes) {
+        if self.mode == Mode::RawEcho {
+            coalesce::send(&session.handle, data.clone());
+        }
+    }
+
     fn disconnected(&mut self, _session: Known<()>, _reason: DisconnectReason) {
         self.sessions -= 1;
     }
@@ -96,6 +107,9 @@ fn main() {
         config.io_threads = n;
     }
     config.max_sessions = cli.max_sessions;
+    if cli.mode == Mode::RawEcho {
+        config.session.framing = Framing::Raw;
+    }
     let server = match Server::listen(config, SocketAddr::from(([127, 0, 0, 1], cli.port))) {
         Ok(server) => server,
         Err(e) => {
