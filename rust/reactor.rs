@@ -21,8 +21,12 @@
 //! serve in parallel with the callbacks, and the application thread waits for
 //! their events. While the application thread serves a reactor, the task's
 //! watch set is disarmed, so a ready socket does not wake the I/O thread for
-//! nothing; handing back re-arms it (which reports at once what is ready), so
-//! the task watches the sockets again without being woken to start.
+//! nothing. Handing back leaves it disarmed: the application thread is usually
+//! back within microseconds, after its callbacks, and picks up what arrived
+//! meanwhile, as a single-threaded event loop would. Doorbells, new
+//! connections and deadlines still wake the task at once (and a task that
+//! serves watches its sockets again); a watchdog arms the watch set of a
+//! reactor the application thread has left alone for `LEND_LIMIT`.
 //!
 //! Other threads reach a reactor through its [`Mailbox`]: connections to take
 //! in, and the doorbells of sessions whose send queue or reader has work.
@@ -71,6 +75,10 @@ const ROUNDS_PER_POLL: usize = 16;
 /// Sessions ready at once that the application thread still serves inline;
 /// more is load, better served by the I/O threads while it runs callbacks.
 const INLINE_SESSIONS: usize = 64;
+
+/// How long sockets of a reactor the application thread has handed back may
+/// go unwatched before the I/O thread watches them again (see the module docs).
+const LEND_LIMIT: Duration = Duration::from_millis(10);
 
 /// Bytes a lingering session reads and discards at a time.
 const DISCARD_SIZE: usize = 4096;
@@ -187,7 +195,9 @@ impl Reactors {
             runtime.spawn(Task::new(reactor.clone())?.run());
             reactors.push(reactor);
         }
-        Ok(Self { reactors: reactors.into(), next: AtomicUsize::new(0), inline: Mutex::new(inline) })
+        let reactors: Box<[Arc<Reactor>]> = reactors.into();
+        runtime.spawn(watchdog(reactors.clone()));
+        Ok(Self { reactors, next: AtomicUsize::new(0), inline: Mutex::new(inline) })
     }
 
     /// The mailbox of the reactor that takes the next session.
@@ -232,7 +242,7 @@ impl Reactors {
             }
         }
         for reactor in self.reactors.iter() {
-            reactor.watch.disarm();
+            reactor.watch.take_for_app();
             reactor.mailbox.rings.begin_inline();
         }
         let mut loaded = false;
@@ -297,8 +307,7 @@ impl Reactors {
             let task_timer = *reactor.task_timer.lock().unwrap_or_else(|e| e.into_inner());
             let sooner = core.next_deadline().is_some_and(|at| task_timer.is_none_or(|timer| at < timer));
             owed.push(loaded || rung || sooner || !core.sessions.ready.is_empty());
-            // Ready sockets (unread, or waiting for room to write) wake the task from here on.
-            reactor.watch.arm();
+            reactor.watch.lend();
         }
         drop(cores);
         // Woken once their state is free, so they can take it.
@@ -515,12 +524,20 @@ impl Core {
 }
 
 /// An epoll set holding one other epoll set, the reactor's: what the task
-/// watches (through tokio) to learn that the reactor's sockets are ready. It
-/// can be disarmed and armed again by whoever serves the reactor, with one
-/// system call and no wakeup.
+/// watches (through tokio) to learn that the reactor's sockets are ready. It is
+/// disarmed while the application thread serves the reactor, and armed again
+/// by the task when it serves, or by the watchdog: one system call, no wakeup.
 struct WatchSet {
     fd: OwnedFd,
     watched: RawFd,
+    state: Mutex<WatchState>,
+}
+
+struct WatchState {
+    armed: bool,
+    /// When the application thread last handed the reactor back, if it has
+    /// not taken it again since.
+    lent_at: Option<Instant>,
 }
 
 impl WatchSet {
@@ -531,24 +548,47 @@ impl WatchSet {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just opened and nothing else owns it.
-        let set = Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, watched };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let set = Self { fd, watched, state: Mutex::new(WatchState { armed: true, lent_at: None }) };
         set.control(libc::EPOLL_CTL_ADD, Self::ARMED)?;
         Ok(set)
     }
 
     const ARMED: u32 = (libc::EPOLLIN | libc::EPOLLET) as u32;
 
-    /// Readiness of the reactor's set no longer reaches the task.
-    fn disarm(&self) {
-        if let Err(error) = self.control(libc::EPOLL_CTL_MOD, 0) {
-            log::error!(target: "servercore", "reactor: disarming the watch set failed: {error}");
+    /// The application thread serves the reactor: its readiness no longer reaches the task.
+    fn take_for_app(&self) {
+        let mut state = self.lock();
+        state.lent_at = None;
+        if std::mem::take(&mut state.armed) {
+            self.set(0);
         }
     }
 
-    /// Readiness reaches the task again; what is ready now is reported at once.
+    /// The application thread handed the reactor back, for now.
+    fn lend(&self) {
+        self.lock().lent_at = Some(Instant::now());
+    }
+
+    /// The task serves the reactor: readiness reaches it again; what is ready
+    /// now is reported at once.
     fn arm(&self) {
-        if let Err(error) = self.control(libc::EPOLL_CTL_MOD, Self::ARMED) {
-            log::error!(target: "servercore", "reactor: arming the watch set failed: {error}");
+        let mut state = self.lock();
+        state.lent_at = None;
+        if !std::mem::replace(&mut state.armed, true) {
+            self.set(Self::ARMED);
+        }
+    }
+
+    /// Arms the set if the application thread has left the reactor alone
+    /// since at least `limit` before `now`.
+    fn arm_if_left(&self, now: Instant, limit: Duration) {
+        let mut state = self.lock();
+        if state.lent_at.is_some_and(|at| now.duration_since(at) >= limit) {
+            state.lent_at = None;
+            if !std::mem::replace(&mut state.armed, true) {
+                self.set(Self::ARMED);
+            }
         }
     }
 
@@ -559,11 +599,35 @@ impl WatchSet {
         unsafe { libc::epoll_wait(self.fd.as_raw_fd(), &mut event, 1, 0) };
     }
 
+    fn set(&self, events: u32) {
+        if let Err(error) = self.control(libc::EPOLL_CTL_MOD, events) {
+            log::error!(target: "servercore", "reactor: changing the watch set failed: {error}");
+        }
+    }
+
     fn control(&self, op: libc::c_int, events: u32) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: 0 };
         // SAFETY: both descriptors are open; `event` lives through the call.
         let result = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, self.watched, &mut event) };
         if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Arms the watch sets of reactors the application thread handed back and
+/// has left alone for `LEND_LIMIT`: their sockets are never unwatched longer.
+async fn watchdog(reactors: Box<[Arc<Reactor>]>) {
+    let mut ticks = tokio::time::interval(LEND_LIMIT);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        for reactor in reactors.iter() {
+            reactor.watch.arm_if_left(now, LEND_LIMIT);
+        }
     }
 }
 
@@ -637,6 +701,8 @@ impl Task {
                 }
             }
         };
+        // The task serves: it watches the sockets from now on.
+        reactor.watch.arm();
         let mut budget = SERVES_PER_POLL;
         for _ in 0..ROUNDS_PER_POLL {
             rings.start_looking(cx.waker());
