@@ -212,6 +212,9 @@ pub struct ServiceConfig {
     pub backlog: u32,
     /// How long a client waits for each connection attempt.
     pub connect_timeout: Duration,
+    /// The application thread serves the sockets itself while it waits and
+    /// the load is light (see the `reactor` module); off, only the I/O threads do.
+    pub inline_io: bool,
 }
 
 impl Default for ServiceConfig {
@@ -222,6 +225,7 @@ impl Default for ServiceConfig {
             max_sessions: 10_000,
             backlog: 1024,
             connect_timeout: Duration::from_secs(10),
+            inline_io: true,
         }
     }
 }

@@ -149,6 +149,8 @@ pub(crate) struct Reactors {
     /// The application thread's epoll set over every reactor's set and its
     /// wake descriptor; held while it serves them inline.
     inline: Mutex<Inline>,
+    /// Whether the application thread may serve the reactors itself.
+    inline_io: bool,
 }
 
 struct Inline {
@@ -162,6 +164,7 @@ impl Reactors {
     pub(crate) fn start(
         runtime: &tokio::runtime::Handle,
         count: usize,
+        inline_io: bool,
         context: &Arc<SessionContext>,
         registry: &Arc<SessionRegistry>,
     ) -> io::Result<Self> {
@@ -197,7 +200,7 @@ impl Reactors {
         }
         let reactors: Box<[Arc<Reactor>]> = reactors.into();
         runtime.spawn(watchdog(reactors.clone()));
-        Ok(Self { reactors, next: AtomicUsize::new(0), inline: Mutex::new(inline) })
+        Ok(Self { reactors, next: AtomicUsize::new(0), inline: Mutex::new(inline), inline_io })
     }
 
     /// The mailbox of the reactor that takes the next session.
@@ -211,6 +214,9 @@ impl Reactors {
     /// serves them all itself while it waits (see the module docs); otherwise
     /// it waits on the queue for the I/O threads.
     pub(crate) fn wait(&self, events: &EventQueue, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
+        if !self.inline_io {
+            return events.wait(timeout, out);
+        }
         let taken = events.wait(Some(Duration::ZERO), out);
         if taken > 0 {
             return taken;
@@ -825,7 +831,7 @@ mod tests {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let (context, registry) = (context(), Arc::new(SessionRegistry::default()));
-        let reactors = Reactors::start(runtime.handle(), 1, &context, &registry).unwrap();
+        let reactors = Reactors::start(runtime.handle(), 1, true, &context, &registry).unwrap();
         drop(runtime);
         let (stream, peer, mut client) = accepted();
         let mailbox = reactors.next();
@@ -854,7 +860,7 @@ mod tests {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let registry = Arc::new(SessionRegistry::default());
-        let reactors = Reactors::start(runtime.handle(), 2, &context(), &registry).unwrap();
+        let reactors = Reactors::start(runtime.handle(), 2, true, &context(), &registry).unwrap();
         let dealt: Vec<*const Mailbox> = (0..4).map(|_| Arc::as_ptr(reactors.next())).collect();
         assert_ne!(dealt[0], dealt[1]);
         assert_eq!(dealt[0], dealt[2]);

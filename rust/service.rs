@@ -44,7 +44,7 @@ impl ServiceShared {
     fn start(config: ServiceConfig, runtime: &tokio::runtime::Handle) -> io::Result<Arc<Self>> {
         let context = Arc::new(SessionContext::new(config.session.clone())?);
         let registry = Arc::new(SessionRegistry::default());
-        let reactors = Reactors::start(runtime, config.io_threads, &context, &registry)?;
+        let reactors = Reactors::start(runtime, config.io_threads, config.inline_io, &context, &registry)?;
         Ok(Arc::new(ServiceShared {
             context,
             config,

@@ -21,12 +21,27 @@ def enough_file_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets `BOTH_IO_PATHS = True` runs each of its tests twice:
+    with the polling thread serving the sockets itself at light load (the
+    default, `inline_io=True`), and with only the I/O threads (`inline_io=False`)."""
+    if getattr(metafunc.module, "BOTH_IO_PATHS", False) and "io_path" in metafunc.fixturenames:
+        metafunc.parametrize("io_path", ["inline", "threads"], indirect=True)
+
+
 @pytest.fixture
-def start_server() -> Iterator[Callable[..., Server]]:
+def io_path(request: pytest.FixtureRequest) -> str:
+    """Which path serves the sockets of the servers and clients a test starts."""
+    return getattr(request, "param", "inline")
+
+
+@pytest.fixture
+def start_server(io_path: str) -> Iterator[Callable[..., Server]]:
     """`start_server(SessionClass, **options)` -> a started Server on 127.0.0.1:0."""
     started: list[Server] = []
 
     def start(session_class: type[Session], **options: Any) -> Server:
+        options.setdefault("inline_io", io_path == "inline")
         server = Server(session_class, "127.0.0.1", 0, **options)
         server.start()
         started.append(server)
@@ -38,11 +53,12 @@ def start_server() -> Iterator[Callable[..., Server]]:
 
 
 @pytest.fixture
-def start_client() -> Iterator[Callable[..., Client]]:
+def start_client(io_path: str) -> Iterator[Callable[..., Client]]:
     """`start_client(SessionClass, port, count=1, **options)` -> a started Client."""
     started: list[Client] = []
 
     def start(session_class: type[Session], port: int, count: int = 1, **options: Any) -> Client:
+        options.setdefault("inline_io", io_path == "inline")
         client = Client(session_class, "127.0.0.1", port, count=count, **options)
         client.start()
         started.append(client)

@@ -23,6 +23,10 @@ from servercore import DisconnectReason, PacketSession
 
 from support import exchange, local_port, packet, poll_until
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 
 # --- exceptions in callbacks -----------------------------------------------------
 

@@ -22,6 +22,10 @@ from servercore import DisconnectReason, PacketSession
 
 from support import SEQ, RawPeer, connect, local_port, packet, poll_for, poll_until, recorder, session_of
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 
 def test_disconnect_flushes_a_goodbye_then_closes_and_reports_once(start_server, raw_peers):
     disconnects: list = []

@@ -23,6 +23,10 @@ from hypothesis import strategies as st
 from servercore import DisconnectReason, PacketSession
 from support import RawPeer, header, packet, poll_until, raw_recorder, recorder
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 
 def send_in_pieces(server, peer: RawPeer, pieces: list[bytes]) -> None:
     """Sends each piece only after the server has read everything before it."""

@@ -22,6 +22,10 @@ from servercore import PacketSession, SendBuffer
 
 from support import exchange, packet, poll_until, recorder
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 CLIENTS = 1000
 
 

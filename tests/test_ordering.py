@@ -15,6 +15,10 @@ from servercore import DisconnectReason, PacketSession
 
 from support import SEQ, poll_for, poll_until
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 
 def test_each_session_sees_connected_then_packets_in_order_then_disconnected_once(start_server, start_client):
     calls: dict[int, list] = {}

@@ -29,6 +29,10 @@ import pytest
 from servercore import DisconnectReason, PacketSession, SendBuffer
 from support import SEQ, connect, local_port, packet, poll_until, raw_recorder, recorder, session_of
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 
 # --- send: order and integrity --------------------------------------------------
 

@@ -214,6 +214,7 @@ class SessionOptions(TypedDict, total=False):
     packet_ids: Iterable[int] | None
     keepalive: bool
     nodelay: bool
+    inline_io: bool
     linger: float
 
 @type_check_only

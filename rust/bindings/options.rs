@@ -159,6 +159,7 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
             session.frame_limits.allowed_ids = Some(ids.into_iter().collect());
         }
         "nodelay" => session.nodelay = flag("nodelay", value)?,
+        "inline_io" => config.inline_io = flag("inline_io", value)?,
         "keepalive" => session.keepalive = flag("keepalive", value)?.then(Keepalive::default),
         _ => {
             return Err(PyTypeError::new_err(format!(
