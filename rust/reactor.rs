@@ -21,12 +21,14 @@
 //! serve in parallel with the callbacks, and the application thread waits for
 //! their events. While the application thread serves a reactor, the task's
 //! watch set is disarmed, so a ready socket does not wake the I/O thread for
-//! nothing. Handing back leaves it disarmed: the application thread is usually
-//! back within microseconds, after its callbacks, and picks up what arrived
-//! meanwhile, as a single-threaded event loop would. Doorbells, new
-//! connections and deadlines still wake the task at once (and a task that
-//! serves watches its sockets again); a watchdog arms the watch set of a
-//! reactor the application thread has left alone for `LEND_LIMIT`.
+//! nothing. After a wait the watch stays disarmed: the application thread is
+//! usually back within microseconds, after its callbacks, and picks up what
+//! arrived meanwhile, as a single-threaded event loop would. Doorbells, new
+//! connections and deadlines wake the task at any time, and a task that serves
+//! arms its watch itself. A watchdog arms the watch of a reactor the
+//! application thread has left alone for `LEND_LIMIT`, so no socket goes
+//! unwatched longer; a consumer that knows it is leaving for longer arms them
+//! at once ([`Reactors::release`]).
 //!
 //! Other threads reach a reactor through its [`Mailbox`]: connections to take
 //! in, and the doorbells of sessions whose send queue or reader has work.
@@ -76,9 +78,10 @@ const ROUNDS_PER_POLL: usize = 16;
 /// more is load, better served by the I/O threads while it runs callbacks.
 const INLINE_SESSIONS: usize = 64;
 
-/// How long sockets of a reactor the application thread has handed back may
-/// go unwatched before the I/O thread watches them again (see the module docs).
-const LEND_LIMIT: Duration = Duration::from_millis(10);
+/// How long the sockets of a reactor the application thread has handed back
+/// may go unwatched before the I/O thread watches them again. The watchdog
+/// wakes the I/O thread this often (the CPU it costs is measured in BENCHMARKS.md).
+const LEND_LIMIT: Duration = Duration::from_millis(25);
 
 /// Bytes a lingering session reads and discards at a time.
 const DISCARD_SIZE: usize = 4096;
@@ -199,7 +202,9 @@ impl Reactors {
             reactors.push(reactor);
         }
         let reactors: Box<[Arc<Reactor>]> = reactors.into();
-        runtime.spawn(watchdog(reactors.clone()));
+        if inline_io {
+            runtime.spawn(watchdog(reactors.clone()));
+        }
         Ok(Self { reactors, next: AtomicUsize::new(0), inline: Mutex::new(inline), inline_io })
     }
 
@@ -212,7 +217,8 @@ impl Reactors {
     /// The application thread waits up to `timeout` for events and moves them
     /// to `out`. If nothing is waiting and no reactor is being served, it
     /// serves them all itself while it waits (see the module docs); otherwise
-    /// it waits on the queue for the I/O threads.
+    /// it waits on the queue for the I/O threads. The reactors it served stay
+    /// unwatched by their tasks until [`release`](Self::release).
     pub(crate) fn wait(&self, events: &EventQueue, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
         if !self.inline_io {
             return events.wait(timeout, out);
@@ -232,6 +238,14 @@ impl Reactors {
         }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         events.wait(left, out)
+    }
+
+    /// The application thread leaves for longer than a round of callbacks:
+    /// the I/O threads watch every socket again, now.
+    pub(crate) fn release(&self) {
+        for reactor in self.reactors.iter() {
+            reactor.watch.arm();
+        }
     }
 
     /// Serves every reactor on this thread until there are events, `deadline`
@@ -532,7 +546,8 @@ impl Core {
 /// An epoll set holding one other epoll set, the reactor's: what the task
 /// watches (through tokio) to learn that the reactor's sockets are ready. It is
 /// disarmed while the application thread serves the reactor, and armed again
-/// by the task when it serves, or by the watchdog: one system call, no wakeup.
+/// when the task serves, when the application thread leaves, or by the
+/// watchdog: one system call, no wakeup.
 struct WatchSet {
     fd: OwnedFd,
     watched: RawFd,
@@ -542,7 +557,7 @@ struct WatchSet {
 struct WatchState {
     armed: bool,
     /// When the application thread last handed the reactor back, if it has
-    /// not taken it again since.
+    /// not taken it again since and the watch is still disarmed.
     lent_at: Option<Instant>,
 }
 
@@ -573,11 +588,13 @@ impl WatchSet {
 
     /// The application thread handed the reactor back, for now.
     fn lend(&self) {
-        self.lock().lent_at = Some(Instant::now());
+        let mut state = self.lock();
+        if !state.armed {
+            state.lent_at = Some(Instant::now());
+        }
     }
 
-    /// The task serves the reactor: readiness reaches it again; what is ready
-    /// now is reported at once.
+    /// Readiness reaches the task again; what is ready now is reported at once.
     fn arm(&self) {
         let mut state = self.lock();
         state.lent_at = None;
@@ -589,12 +606,9 @@ impl WatchSet {
     /// Arms the set if the application thread has left the reactor alone
     /// since at least `limit` before `now`.
     fn arm_if_left(&self, now: Instant, limit: Duration) {
-        let mut state = self.lock();
-        if state.lent_at.is_some_and(|at| now.duration_since(at) >= limit) {
-            state.lent_at = None;
-            if !std::mem::replace(&mut state.armed, true) {
-                self.set(Self::ARMED);
-            }
+        let left = self.lock().lent_at.is_some_and(|at| now.duration_since(at) >= limit);
+        if left {
+            self.arm();
         }
     }
 

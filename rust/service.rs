@@ -94,7 +94,23 @@ impl ServiceShared {
     /// [`reactor`](crate::reactor)): only the application's one consuming
     /// thread should call this.
     pub fn wait_events(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
+        let taken = self.wait_events_in_poll(timeout, out);
+        self.end_poll();
+        taken
+    }
+
+    /// [`wait_events`](Self::wait_events) for a consumer that waits again
+    /// within microseconds (between the two it only runs its callbacks): the
+    /// sockets it served stay with it until it waits again, it calls
+    /// [`end_poll`](Self::end_poll), or a short while passes (see
+    /// [`reactor`](crate::reactor)).
+    pub fn wait_events_in_poll(&self, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
         self.reactors.wait(&self.context.events, timeout, out)
+    }
+
+    /// The consumer leaves for a while: the I/O threads watch every socket, now.
+    pub fn end_poll(&self) {
+        self.reactors.release();
     }
 
     /// Ends the application's current (or next) wait for events at once.

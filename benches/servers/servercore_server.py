@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--mode", choices=["broadcast", "echo", "hello", "idle", "raw-echo"], required=True)
     parser.add_argument("--io-threads", type=int, default=None)
+    parser.add_argument("--no-inline-io", action="store_true", help="only the I/O threads serve sockets (inline_io=False)")
     parser.add_argument("--max-sessions", type=int, default=20_000)
     parser.add_argument("--poll-every", type=int, default=64, help="broadcasts between two poll(0) calls")
     args = parser.parse_args()
@@ -105,6 +106,7 @@ def main() -> int:
         "127.0.0.1",
         args.port,
         io_threads=args.io_threads,
+        inline_io=not args.no_inline_io,
         max_sessions=args.max_sessions,
     )
     server.start()

@@ -164,7 +164,7 @@ impl Dispatcher {
     pub fn drain(&self, py: Python<'_>, delivery: &mut Delivery) -> PyResult<usize> {
         let mut total = 0;
         loop {
-            self.shared.wait_events(Some(Duration::ZERO), &mut delivery.incoming);
+            self.shared.wait_events_in_poll(Some(Duration::ZERO), &mut delivery.incoming);
             delivery.take_incoming();
             if delivery.pending.is_empty() {
                 return Ok(total);
@@ -189,7 +189,7 @@ impl Dispatcher {
                 None => SIGNAL_CHECK_INTERVAL,
             };
             let incoming = &mut delivery.incoming;
-            if py.detach(|| self.shared.wait_events(Some(slice), incoming)) > 0 {
+            if py.detach(|| self.shared.wait_events_in_poll(Some(slice), incoming)) > 0 {
                 break;
             }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) || give_up() {
