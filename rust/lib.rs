@@ -10,6 +10,7 @@
 //! The modules, from the bottom up; each depends only on the ones above it
 //! in this list:
 //!
+//! - [`clock`]: instants in 8 bytes, for the deadlines a connection keeps.
 //! - [`frame`]: the `[size u16][id u16][payload]` header, checked before anything
 //!   is waited for or allocated.
 //! - [`recv_buffer`]: bytes read and not yet consumed; packets leave it without a copy.
@@ -31,6 +32,7 @@
 //! Nothing here knows Python; the PyO3 bindings live in `bindings` behind the
 //! `python` feature and drive this crate like any other application would.
 
+pub mod clock;
 pub mod coalesce;
 pub mod config;
 pub mod connection;

@@ -53,6 +53,8 @@ use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::time::{Instant, Sleep};
 
+use crate::clock::Tick;
+
 use crate::connection::{self, Connection, Served};
 use crate::context::SessionContext;
 use crate::doorbell::{Doorbell, RingList};
@@ -273,7 +275,7 @@ impl Reactors {
                 reactor.mailbox.rings.look_inline();
                 core.take_arrivals(&reactor.mailbox);
                 core.take_rings(&reactor.mailbox.rings);
-                core.sessions.list_due(now);
+                core.sessions.list_due(Tick::from_instant(now));
                 ready += core.sessions.ready.len();
             }
             if ready > INLINE_SESSIONS {
@@ -378,7 +380,7 @@ struct Sessions {
     registry: Arc<SessionRegistry>,
     slab: Slab<Box<Connection>>,
     /// One entry per armed deadline; entries whose session moved on are skipped.
-    deadlines: BinaryHeap<Reverse<(Instant, usize, SessionId)>>,
+    deadlines: BinaryHeap<Reverse<(Tick, usize, SessionId)>>,
     /// Sessions to serve, each once however many times it was rung or reported
     /// ready, in the order they asked. A session that used its turns with work
     /// left goes to the back.
@@ -429,7 +431,7 @@ impl Sessions {
     }
 
     /// Lists the sessions whose deadline is at or before `now`.
-    fn list_due(&mut self, now: Instant) {
+    fn list_due(&mut self, now: Tick) {
         while let Some(&Reverse((at, key, id))) = self.deadlines.peek() {
             if at > now {
                 break;
@@ -527,7 +529,7 @@ impl Core {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.sessions.deadlines.peek().map(|&Reverse((at, ..))| at)
+        self.sessions.deadlines.peek().map(|&Reverse((at, ..))| at.to_instant())
     }
 
     /// Ends every connection, with `fallback` as the reason of those that
@@ -783,7 +785,7 @@ impl Task {
     /// Lists the sessions whose deadline passed and sets the timer to the next
     /// one. Returns whether the timer says another has passed already.
     fn take_deadlines(&mut self, core: &mut Core, cx: &mut Context<'_>) -> bool {
-        core.sessions.list_due(Instant::now());
+        core.sessions.list_due(Tick::now());
         let Some(next) = core.next_deadline() else {
             self.timer_at = None;
             return false;

@@ -65,7 +65,8 @@ struct QueueState {
     /// The driver is gone: nothing will be written again.
     finished: bool,
     /// Unsent bytes, and the size of the packet refused, when the limit was hit.
-    overflow: Option<(usize, usize)>,
+    /// Boxed: rare, and every session pays for the field.
+    overflow: Option<Box<(usize, usize)>>,
 }
 
 impl SendQueue {
@@ -100,7 +101,7 @@ impl SendQueue {
         }
         if state.unsent_bytes + packet.len() > max_unsent_bytes {
             state.close = Some(DisconnectReason::SendQueueFull);
-            state.overflow = Some((state.unsent_bytes, packet.len()));
+            state.overflow = Some(Box::new((state.unsent_bytes, packet.len())));
             drop(state);
             self.wake_driver();
             return (Push::Full, false);
@@ -211,7 +212,7 @@ impl SendQueue {
 
     /// When a push hit the limit: the bytes unsent then and the packet refused.
     pub fn overflow(&self) -> Option<(usize, usize)> {
-        self.lock().overflow
+        self.lock().overflow.as_deref().copied()
     }
 
     pub fn unsent_bytes(&self) -> usize {

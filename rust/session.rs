@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,7 +31,7 @@ pub(crate) const EVENT_OVERHEAD: usize = 64;
 
 pub struct SessionHandle {
     id: SessionId,
-    peer: SocketAddr,
+    peer: PeerAddr,
     /// The socket, for callers that write what they queued themselves. Valid
     /// while the queue is not finished: see [`SessionHandle::write_now`].
     fd: RawFd,
@@ -52,10 +52,10 @@ impl SessionHandle {
         doorbell: Doorbell,
         context: Arc<SessionContext>,
     ) -> Self {
-        let inbound = InboundBacklog::new(context.config.max_pending_recv_bytes);
+        let inbound = InboundBacklog::default();
         Self {
             id,
-            peer,
+            peer: PeerAddr::from(peer),
             fd,
             queue: SendQueue::new(doorbell),
             inbound,
@@ -70,7 +70,7 @@ impl SessionHandle {
     }
 
     pub fn peer(&self) -> SocketAddr {
-        self.peer
+        self.peer.into()
     }
 
     /// Open: not closing and not closed.
@@ -200,7 +200,7 @@ impl SessionHandle {
     /// (packet runs or raw chunks) of `bytes` in all: a paused reader may go on.
     pub(crate) fn release_received(&self, bytes: usize, events: usize) {
         let weight = bytes + events * EVENT_OVERHEAD;
-        if self.inbound.release(weight) {
+        if self.inbound.release(weight, self.context.config.max_pending_recv_bytes) {
             // The driver's one wakeup also serves a reader that may go on.
             self.queue.wake_driver();
         }
@@ -210,53 +210,87 @@ impl SessionHandle {
 
 impl fmt::Debug for SessionHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionHandle").field("id", &self.id).field("peer", &self.peer).finish()
+        f.debug_struct("SessionHandle").field("id", &self.id).field("peer", &self.peer()).finish()
     }
 }
 
-/// Received bytes the application has not handled yet. Past the limit the
-/// reader stops reading, and TCP's own window makes the peer wait.
+/// Received bytes the application has not handled yet. Past the limit
+/// (`max_pending_recv_bytes`, the same for every session of a service, so it is
+/// passed in rather than kept here) the reader stops reading, and TCP's own
+/// window makes the peer wait. One word: the byte count, and in its top bit
+/// whether the peer finished sending, so that both change in one atomic step.
+#[derive(Default)]
 pub(crate) struct InboundBacklog {
     pending: AtomicUsize,
-    limit: usize,
-    /// The peer has finished sending: its driver waits for the backlog to
-    /// empty (every answer to it queued) before it closes the session.
-    wake_when_empty: AtomicBool,
 }
 
-impl InboundBacklog {
-    fn new(limit: usize) -> Self {
-        Self { pending: AtomicUsize::new(0), limit: limit.max(1), wake_when_empty: AtomicBool::new(false) }
-    }
+/// The peer has finished sending: its driver waits for the backlog to empty
+/// (every answer to it queued) before it closes the session.
+const WAKE_WHEN_EMPTY: usize = 1 << (usize::BITS - 1);
 
+impl InboundBacklog {
     pub(crate) fn add(&self, weight: usize) {
         self.pending.fetch_add(weight, Ordering::AcqRel);
     }
 
-    pub(crate) fn is_full(&self) -> bool {
-        self.pending.load(Ordering::Acquire) >= self.limit
+    pub(crate) fn is_full(&self, limit: usize) -> bool {
+        self.pending.load(Ordering::Acquire) & !WAKE_WHEN_EMPTY >= limit
     }
 
     /// The driver's side of a half-close: from now on the release that empties
     /// the backlog wakes it. Returns whether the backlog is empty already.
     pub(crate) fn wake_when_empty(&self) -> bool {
-        // SeqCst pairs with `release`: either this sees the last release, or
-        // that release sees the flag and wakes the driver.
-        self.wake_when_empty.store(true, Ordering::SeqCst);
-        self.pending.load(Ordering::SeqCst) == 0
+        self.pending.fetch_or(WAKE_WHEN_EMPTY, Ordering::SeqCst) & !WAKE_WHEN_EMPTY == 0
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0
+        self.pending.load(Ordering::SeqCst) & !WAKE_WHEN_EMPTY == 0
     }
 
     /// Returns true when this release lets a paused reader go on, or empties
     /// the backlog of a peer that finished sending.
-    fn release(&self, weight: usize) -> bool {
+    fn release(&self, weight: usize, limit: usize) -> bool {
         let before = self.pending.fetch_sub(weight, Ordering::SeqCst);
+        let finished = before & WAKE_WHEN_EMPTY != 0;
+        let before = before & !WAKE_WHEN_EMPTY;
         let after = before - weight;
-        (before >= self.limit && after < self.limit)
-            || (after == 0 && self.wake_when_empty.load(Ordering::SeqCst))
+        (before >= limit && after < limit) || (after == 0 && finished)
+    }
+}
+
+/// A peer's address in 24 bytes (`SocketAddr` takes 32): the address, the
+/// port, and an IPv6 scope id. An IPv6 flow label is not kept.
+#[derive(Clone, Copy)]
+struct PeerAddr {
+    ip: [u8; 16],
+    scope_id: u32,
+    port: u16,
+    v6: bool,
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(addr: SocketAddr) -> Self {
+        match addr {
+            SocketAddr::V4(v4) => {
+                let mut ip = [0; 16];
+                ip[..4].copy_from_slice(&v4.ip().octets());
+                Self { ip, scope_id: 0, port: v4.port(), v6: false }
+            }
+            SocketAddr::V6(v6) => {
+                Self { ip: v6.ip().octets(), scope_id: v6.scope_id(), port: v6.port(), v6: true }
+            }
+        }
+    }
+}
+
+impl From<PeerAddr> for SocketAddr {
+    fn from(peer: PeerAddr) -> Self {
+        if peer.v6 {
+            SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(peer.ip), peer.port, 0, peer.scope_id))
+        } else {
+            let [a, b, c, d, ..] = peer.ip;
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, d)), peer.port)
+        }
     }
 }
 
@@ -276,26 +310,34 @@ mod tests {
     #[test]
     fn an_idle_session_handle_is_small() {
         let handle = std::mem::size_of::<SessionHandle>();
-        assert!(handle <= 192, "a session handle takes {handle} bytes");
+        assert!(handle <= 136, "a session handle takes {handle} bytes");
     }
 
     #[test]
     fn the_release_that_empties_a_finished_peers_backlog_wakes_its_driver() {
-        let backlog = InboundBacklog::new(1000);
+        let backlog = InboundBacklog::default();
         backlog.add(100);
         backlog.add(50);
-        assert!(!backlog.release(50), "not empty, not finished");
+        assert!(!backlog.release(50, 1000), "not empty, not finished");
         assert!(!backlog.wake_when_empty(), "100 still pending");
-        assert!(backlog.release(100), "the last release wakes the driver");
+        assert!(backlog.release(100, 1000), "the last release wakes the driver");
+    }
+
+    #[test]
+    fn a_peer_address_keeps_what_a_socket_address_says_but_the_flow_label() {
+        for text in ["127.0.0.1:7777", "[::1]:443", "[fe80::1%3]:80", "203.0.113.9:51234"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(SocketAddr::from(PeerAddr::from(addr)), addr, "{text}");
+        }
     }
 
     #[test]
     fn a_release_below_the_limit_wakes_a_paused_reader_once() {
-        let backlog = InboundBacklog::new(100);
+        let backlog = InboundBacklog::default();
         backlog.add(150);
-        assert!(backlog.is_full());
-        assert!(!backlog.release(20), "still at or over the limit");
-        assert!(backlog.release(40), "crossed below the limit");
-        assert!(!backlog.release(10), "already below");
+        assert!(backlog.is_full(100));
+        assert!(!backlog.release(20, 100), "still at or over the limit");
+        assert!(backlog.release(40, 100), "crossed below the limit");
+        assert!(!backlog.release(10, 100), "already below");
     }
 }

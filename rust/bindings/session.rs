@@ -5,7 +5,12 @@
 //! `send` and `disconnect` only touch the Rust handle: they never call back into
 //! Python, so nothing can re-enter game code from inside them.
 
-use std::sync::{Arc, OnceLock};
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+use std::ptr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
@@ -23,13 +28,13 @@ use crate::session::SessionHandle;
 #[pyclass(subclass, frozen, name = "Session", module = "servercore._core")]
 #[derive(Default)]
 pub struct PySession {
-    handle: OnceLock<Arc<SessionHandle>>,
+    handle: HandleSlot,
 }
 
 impl PySession {
     pub fn attach(&self, handle: Arc<SessionHandle>) {
         // The object was created for this connection a moment ago.
-        let _ = self.handle.set(handle);
+        self.handle.set(handle);
     }
 
     /// Queues what `send` was given, as bytes for the wire of `framing`.
@@ -47,14 +52,14 @@ impl PySession {
             handle.max_packet_size(),
             handle.max_send_queue_bytes(),
         )?;
-        Ok(coalesce::send(handle, bytes) == Push::Queued)
+        Ok(coalesce::send(&handle, bytes) == Push::Queued)
     }
 
     pub fn session_id(&self) -> PyResult<u64> {
         Ok(self.handle()?.id().0)
     }
 
-    fn handle(&self) -> PyResult<&Arc<SessionHandle>> {
+    fn handle(&self) -> PyResult<HandleRef<'_>> {
         self.handle.get().ok_or_else(|| {
             PyRuntimeError::new_err(
                 "this session has no connection: sessions are created by a Server or Client, \
@@ -203,4 +208,54 @@ fn defining_class(cls: &Bound<'_, PyType>, name: &str) -> PyResult<String> {
         }
     }
     Ok(cls.qualname()?.to_string())
+}
+
+/// A session object's handle, set once when its connection is attached: one
+/// word (a `OnceLock<Arc<_>>` takes two, and each of ten thousand session
+/// objects pays for it: it decides the object's allocation size class).
+#[derive(Default)]
+struct HandleSlot(AtomicPtr<SessionHandle>);
+
+impl HandleSlot {
+    /// Keeps `handle` unless one is set already.
+    fn set(&self, handle: Arc<SessionHandle>) {
+        let raw = Arc::into_raw(handle).cast_mut();
+        if self.0.compare_exchange(ptr::null_mut(), raw, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // SAFETY: `raw` came from `Arc::into_raw` just above and was not stored.
+            drop(unsafe { Arc::from_raw(raw) });
+        }
+    }
+
+    fn get(&self) -> Option<HandleRef<'_>> {
+        let raw = self.0.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer came from `Arc::into_raw` in `set`, and the
+        // slot keeps that reference until it is dropped, which the borrow of
+        // `self` in the returned guard outlives. The guard never drops it.
+        (!raw.is_null())
+            .then(|| HandleRef { arc: ManuallyDrop::new(unsafe { Arc::from_raw(raw) }), slot: PhantomData })
+    }
+}
+
+impl Drop for HandleSlot {
+    fn drop(&mut self) {
+        let raw = *self.0.get_mut();
+        if !raw.is_null() {
+            // SAFETY: the reference `set` stored, released exactly once, here.
+            drop(unsafe { Arc::from_raw(raw) });
+        }
+    }
+}
+
+/// The slot's handle, borrowed: an `Arc` that is not counted and never dropped.
+struct HandleRef<'a> {
+    arc: ManuallyDrop<Arc<SessionHandle>>,
+    slot: PhantomData<&'a HandleSlot>,
+}
+
+impl Deref for HandleRef<'_> {
+    type Target = Arc<SessionHandle>;
+
+    fn deref(&self) -> &Arc<SessionHandle> {
+        &self.arc
+    }
 }
