@@ -240,7 +240,10 @@ def targets(all_records: dict[str, list[dict[str, Any]]]) -> list[str]:
     if "RAW" in all_records:
         rows.append(("RAW ≥ 1.0 × uvloop's messages/s", vs("RAW", "messages_per_sec", "uvloop"), 1.0, True))
     if "M1" in all_records:
-        rows.append(("M1 ≤ 1 KiB per idle session", m("M1", "servercore", "kib_per_conn"), 1.0, False))
+        rows.append(("M1 ≤ 512 B per idle session (KiB)", m("M1", "servercore", "kib_per_conn"), 0.5, False))
+    if "HELLO" in all_records:
+        rows.append(("HELLO server CPU ≤ 0.6 × uvloop's (ratio)",
+                     vs("HELLO", "cpu_per_wall_second", "uvloop"), 0.6, False))
     if "DISPATCH" in all_records:
         rows.append(("DISPATCH ≤ 2 × a pure-Python call (ratio)", ratio(m("DISPATCH", "servercore", "servercore_ns_per_call"),
                      m("DISPATCH", "servercore", "python_ns_per_call")), 2.0, False))
