@@ -775,12 +775,40 @@ struct IdleShared {
     /// ns since `epoch` when the measured window began.
     window_start_ns: AtomicU64,
     max_gap_ns: AtomicU64,
+    /// Those gaps in GAP_BUCKET_MS buckets (the last one: everything longer).
+    gap_hist: Box<[AtomicU64]>,
     expect_hello: Option<usize>,
 }
+
+const GAP_BUCKET_MS: u64 = 5;
+const GAP_BUCKETS: usize = 401;
 
 impl IdleShared {
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn gap(&self, ns: u64) {
+        self.max_gap_ns.fetch_max(ns, Ordering::Relaxed);
+        let bucket = ((ns / 1_000_000 / GAP_BUCKET_MS) as usize).min(GAP_BUCKETS - 1);
+        self.gap_hist[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The gap (ms, a bucket's upper end) below which a fraction `q` of the gaps fall.
+    fn gap_percentile(&self, hist: &[u64], q: f64) -> u64 {
+        let total: u64 = hist.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &n) in hist.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return (i as u64 + 1) * GAP_BUCKET_MS;
+            }
+        }
+        GAP_BUCKETS as u64 * GAP_BUCKET_MS
     }
 
     fn snapshot(&self) -> Vec<u32> {
@@ -870,7 +898,7 @@ async fn idle_reader(
                 let now = shared.now_ns();
                 if let Some(last) = last_ns {
                     if last >= shared.window_start_ns.load(Ordering::Relaxed) {
-                        shared.max_gap_ns.fetch_max(now - last, Ordering::Relaxed);
+                        shared.gap(now - last);
                     }
                 }
                 last_ns = Some(now);
@@ -936,6 +964,7 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
         epoch: Instant::now(),
         window_start_ns: AtomicU64::new(u64::MAX),
         max_gap_ns: AtomicU64::new(0),
+        gap_hist: (0..GAP_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         expect_hello: args.expect_hello,
     });
     let (error_tx, mut error_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -1049,6 +1078,9 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
                     window_start = Instant::now();
                     shared.window_start_ns.store(shared.now_ns(), Ordering::Relaxed);
                     shared.max_gap_ns.store(0, Ordering::Relaxed);
+                    for b in shared.gap_hist.iter() {
+                        b.store(0, Ordering::Relaxed);
+                    }
                     base = shared.snapshot();
                     base_packets = shared.counters.packets.load(Ordering::Relaxed);
                     println!("{{\"marked\":true,\"held_seconds\":{:.3}}}", held.elapsed().as_secs_f64());
@@ -1069,6 +1101,18 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
     let counts: Vec<u32> = end.iter().zip(&base).map(|(e, b)| e.wrapping_sub(*b)).collect();
     let min = counts.iter().copied().min().unwrap_or(0);
     let max = counts.iter().copied().max().unwrap_or(0);
+    let hist: Vec<u64> = shared.gap_hist.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+    // Percentiles are bucket upper ends (5 ms buckets), never above the exact max.
+    let max_gap_ms = shared.max_gap_ns.load(Ordering::Relaxed) as f64 / 1e6;
+    let pct = |q: f64| (shared.gap_percentile(&hist, q) as f64).min(max_gap_ms.ceil());
+    let gaps_json = format!(
+        ",\"gaps\":{},\"gap_ms\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{:.1}}}",
+        hist.iter().sum::<u64>(),
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        max_gap_ms
+    );
     let mut rate_json = String::new();
     let mut outside = 0u64;
     if let Some(rate) = args.expect_rate {
@@ -1081,7 +1125,12 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
                 first_outside.get_or_insert((i, c));
             }
         }
-        rate_json = format!(",\"expect_rate\":{rate},\"per_conn_band\":[{lo},{hi}],\"per_conn_outside\":{outside}");
+        // A gap over 1.5 periods: a packet at least half a period late (or a tick missed).
+        let late_ms = (1500.0 / rate) as u64;
+        let late: u64 = hist.iter().enumerate().filter(|(i, _)| *i as u64 * GAP_BUCKET_MS >= late_ms).map(|(_, n)| n).sum();
+        rate_json = format!(
+            ",\"expect_rate\":{rate},\"per_conn_band\":[{lo},{hi}],\"per_conn_outside\":{outside},\"gaps_over_{late_ms}ms\":{late}"
+        );
         if let Some((i, c)) = first_outside {
             rate_json.push_str(&format!(",\"first_outside\":\"connection {i}: {c} packets\""));
             first_error.get_or_insert(format!("connection {i}: {c} packets in {window_seconds:.3} s, outside [{lo}, {hi}]"));
@@ -1095,7 +1144,7 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
     }
     let first = first_error.map(|e| format!(",\"first_error\":{}", json_str(&e))).unwrap_or_default();
     println!(
-        "{{\"workload\":\"idle\",\"clients\":{},\"held_seconds\":{:.3},\"received_packets\":{},\"received_bytes\":{},\"closed_by_server\":{},\"window_seconds\":{:.3},\"window_packets\":{},\"per_conn_min\":{},\"per_conn_max\":{},\"max_gap_ms\":{:.1}{},\"errors\":{}{}}}",
+        "{{\"workload\":\"idle\",\"clients\":{},\"held_seconds\":{:.3},\"received_packets\":{},\"received_bytes\":{},\"closed_by_server\":{},\"window_seconds\":{:.3},\"window_packets\":{},\"per_conn_min\":{},\"per_conn_max\":{},\"max_gap_ms\":{:.1}{}{},\"errors\":{}{}}}",
         args.clients,
         held_seconds,
         shared.counters.packets.load(Ordering::Relaxed),
@@ -1106,6 +1155,7 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
         min,
         max,
         shared.max_gap_ns.load(Ordering::Relaxed) as f64 / 1e6,
+        gaps_json,
         rate_json,
         errors,
         first
