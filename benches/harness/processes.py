@@ -289,3 +289,36 @@ def machine_cpu_ticks() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
     return total - fields[3] - fields[4], total
+
+
+def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Per thread of `pid`: (name, utime, stime) in clock ticks, from /proc/<pid>/task/<tid>/stat."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(tid)] = (name, int(fields[11]), int(fields[12]))
+    return out
+
+
+def thread_user_system(pid: int, before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]],
+                       seconds: float) -> dict[str, dict[str, float]]:
+    """User and system CPU seconds per wall second of each thread that used any
+    (clock-tick resolution), keyed like thread_cpu_per_second."""
+    names = [name for name, _, _ in after.values()]
+    out: dict[str, dict[str, float]] = {}
+    for tid, (name, utime, stime) in sorted(after.items()):
+        _, u0, s0 = before.get(tid, (name, 0, 0))
+        if seconds <= 0 or (utime - u0) + (stime - s0) == 0:
+            continue
+        key = f"main:{name}" if tid == pid else (name if names.count(name) == 1 else f"{name}/{tid}")
+        out[key] = {"user": round((utime - u0) / CLK_TCK / seconds, 3), "system": round((stime - s0) / CLK_TCK / seconds, 3)}
+    return out
