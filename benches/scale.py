@@ -134,12 +134,35 @@ def wait_idle_machine(limit: float) -> float:
     return busy
 
 
-def server_extra(server: str, sessions: int) -> list[str]:
+def server_extra(server: str, sessions: int, io_threads: int | None) -> list[str]:
     if server == "servercore":
-        return ["--max-sessions", str(max(60_000, sessions + sessions // 5))]
-    if server in ("uvloop", "asyncio"):
-        return ["--backlog", "4096"]
+        extra = ["--max-sessions", str(max(60_000, sessions + sessions // 5))]
+        return extra + (["--io-threads", str(io_threads)] if io_threads else [])
     return []
+
+
+def process_ticks() -> dict[int, tuple[str, int]]:
+    """utime + stime (clock ticks) of every process on the machine, with its name."""
+    out: dict[int, tuple[str, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(entry)] = (text[text.index("(") + 1 : text.rindex(")")], int(fields[11]) + int(fields[12]))
+    return out
+
+
+def top_others(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], exclude: set[int],
+               seconds: float, n: int = 4) -> dict[str, float]:
+    """The processes other than `exclude` that used the most CPU between two process_ticks()."""
+    tck = os.sysconf("SC_CLK_TCK")
+    used = sorted(((t - before.get(pid, (name, 0))[1], f"{name}/{pid}") for pid, (name, t) in after.items()
+                   if pid not in exclude), reverse=True)
+    return {key: round(t / tck / seconds, 3) for t, key in used[:n] if t > 0}
 
 
 def one_run(server: str, args: argparse.Namespace, rep: int) -> dict[str, Any]:
@@ -151,7 +174,9 @@ def one_run(server: str, args: argparse.Namespace, rep: int) -> dict[str, Any]:
     }
     extra = ["--expect-hello", "1000", "--expect-rate", str(RATE), "--sources", args.sources,
              "--connect-concurrency", str(args.connect_concurrency)]
-    with ServerProcess(server, "hello", server_extra(server, n)) as srv:
+    if server == "servercore" and args.io_threads:
+        record["io_threads"] = args.io_threads
+    with ServerProcess(server, "hello", server_extra(server, n, args.io_threads)) as srv:
         try:
             time.sleep(0.5)
             rss0 = settled_rss(srv.pid, 3.0)
@@ -181,6 +206,7 @@ def one_run(server: str, args: argparse.Namespace, rep: int) -> dict[str, Any]:
                 th0, lth0 = thread_cpu_ns(srv.pid), thread_cpu_ns(lg)
                 tk0, ltk0 = thread_ticks(srv.pid), thread_ticks(lg)
                 m0 = machine_cpu_ticks()
+                p0 = process_ticks()
                 rss_samples = []
                 end = t0 + args.seconds
                 while True:
@@ -195,6 +221,7 @@ def one_run(server: str, args: argparse.Namespace, rep: int) -> dict[str, Any]:
                 th1, lth1 = thread_cpu_ns(srv.pid), thread_cpu_ns(lg)
                 tk1, ltk1 = thread_ticks(srv.pid), thread_ticks(lg)
                 m1 = machine_cpu_ticks()
+                p1 = process_ticks()
                 tcp1 = sockstat_tcp()
                 alive = srv.alive()
                 summary = held.finish()
@@ -221,6 +248,7 @@ def one_run(server: str, args: argparse.Namespace, rep: int) -> dict[str, Any]:
             # Whatever else ran on the machine meanwhile (kernel threads, other users' work).
             "other_busy_cores": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * (os.cpu_count() or 1)
                                       - (c1 - c0) / wall - (lc1 - lc0) / wall, 3),
+            "other_processes_cpu_per_second": top_others(p0, p1, {srv.pid, lg, os.getpid()}, wall),
             "packets_per_second": round(window_packets / w, 1) if w else None,
             "expected_packets_per_second": RATE * held_n,
             "per_conn_min": summary.get("per_conn_min"),
@@ -287,6 +315,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per server, alternating the servers")
     parser.add_argument("--sources", default="127.0.0.1,127.0.0.2,127.0.0.3",
                         help="the load client's source addresses (loopback), round-robin")
+    parser.add_argument("--io-threads", type=int, default=None,
+                        help="servercore's io_threads (default: the library's, cores - 1)")
     parser.add_argument("--connect-concurrency", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=600.0, help="limit for the load client, seconds")
     parser.add_argument("--wait-idle", type=float, default=120.0,
