@@ -1127,13 +1127,20 @@ async fn idle_run(args: IdleArgs) -> Result<i32, String> {
         }
         // A gap over 1.5 periods: a packet at least half a period late (or a tick missed).
         let late_ms = (1500.0 / rate) as u64;
-        let late: u64 = hist.iter().enumerate().filter(|(i, _)| *i as u64 * GAP_BUCKET_MS >= late_ms).map(|(_, n)| n).sum();
+        let late: u64 = hist
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u64 * GAP_BUCKET_MS >= late_ms)
+            .map(|(_, n)| n)
+            .sum();
         rate_json = format!(
             ",\"expect_rate\":{rate},\"per_conn_band\":[{lo},{hi}],\"per_conn_outside\":{outside},\"gaps_over_{late_ms}ms\":{late}"
         );
         if let Some((i, c)) = first_outside {
             rate_json.push_str(&format!(",\"first_outside\":\"connection {i}: {c} packets\""));
-            first_error.get_or_insert(format!("connection {i}: {c} packets in {window_seconds:.3} s, outside [{lo}, {hi}]"));
+            first_error.get_or_insert(format!(
+                "connection {i}: {c} packets in {window_seconds:.3} s, outside [{lo}, {hi}]"
+            ));
         }
     }
     let closed = shared.counters.closed.load(Ordering::Relaxed);
