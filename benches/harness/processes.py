@@ -40,9 +40,10 @@ class ServerProcess:
     """A benchmark server: started on port 0, its port read from "listening <port>",
     always killed on exit. Its stdout and stderr go to one log file."""
 
-    def __init__(self, name: str, mode: str) -> None:
+    def __init__(self, name: str, mode: str, extra: list[str] | None = None) -> None:
         self.name = name
         self.mode = mode
+        self.extra = list(extra or [])
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-{mode}-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -50,7 +51,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         try:
             self.proc = subprocess.Popen(
-                server_argv(self.name, self.mode),
+                server_argv(self.name, self.mode) + self.extra,
                 stdin=subprocess.DEVNULL,
                 stdout=self.log,
                 stderr=subprocess.STDOUT,
@@ -185,6 +186,12 @@ class HeldClients:
         assert self.proc is not None and self.proc.stderr is not None
         self.stderr = self.proc.stderr.read()
 
+    def mark(self) -> None:
+        """Starts the load client's measured window now (a line "mark" on its stdin)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write("mark\n")
+        self.proc.stdin.flush()
+
     def wait_connected(self) -> dict[str, Any]:
         if not self._got_line.wait(self.timeout):
             raise BenchError(f"loadgen idle: no connection report within {self.timeout:.0f} s")
@@ -245,3 +252,73 @@ def cpu_seconds(pid: int) -> float:
     fields = text[text.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
+    """Per thread of `pid`: (name, ns on a CPU so far), from /proc/<pid>/task/<tid>/schedstat
+    (its first field, ns resolution). Threads that end between listing and reading are left out."""
+    out: dict[int, tuple[str, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(tid)] = (name, ns)
+    return out
+
+
+def thread_cpu_per_second(pid: int, before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
+                          seconds: float) -> dict[str, float]:
+    """CPU seconds per wall second of each thread between two thread_cpu_ns readings,
+    keyed "name" ("name/tid" where a name repeats; the main thread is "main:<name>")."""
+    names = [name for name, _ in after.values()]
+    out: dict[str, float] = {}
+    for tid, (name, ns) in sorted(after.items()):
+        key = f"main:{name}" if tid == pid else (name if names.count(name) == 1 else f"{name}/{tid}")
+        out[key] = round((ns - before.get(tid, (name, 0))[1]) / 1e9 / seconds, 4) if seconds > 0 else 0.0
+    return out
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs from /proc/stat (idle and iowait are not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - fields[3] - fields[4], total
+
+
+def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Per thread of `pid`: (name, utime, stime) in clock ticks, from /proc/<pid>/task/<tid>/stat."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(tid)] = (name, int(fields[11]), int(fields[12]))
+    return out
+
+
+def thread_user_system(pid: int, before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]],
+                       seconds: float) -> dict[str, dict[str, float]]:
+    """User and system CPU seconds per wall second of each thread that used any
+    (clock-tick resolution), keyed like thread_cpu_per_second."""
+    names = [name for name, _, _ in after.values()]
+    out: dict[str, dict[str, float]] = {}
+    for tid, (name, utime, stime) in sorted(after.items()):
+        _, u0, s0 = before.get(tid, (name, 0, 0))
+        if seconds <= 0 or (utime - u0) + (stime - s0) == 0:
+            continue
+        key = f"main:{name}" if tid == pid else (name if names.count(name) == 1 else f"{name}/{tid}")
+        out[key] = {"user": round((utime - u0) / CLK_TCK / seconds, 3), "system": round((stime - s0) / CLK_TCK / seconds, 3)}
+    return out

@@ -160,16 +160,16 @@ async def broadcast(hub: Hub, packets: int, size: int) -> None:
             await asyncio.sleep(0)
 
 
-async def hello_loop(hub: Hub) -> None:
+async def hello_loop(hub: Hub, period: float = HELLO_PERIOD) -> None:
     loop = asyncio.get_running_loop()
     packet = HEADER.pack(1004, ID_BROADCAST) + b"Hello World".ljust(1000, b"\0")
-    next_tick = loop.time() + HELLO_PERIOD
+    next_tick = loop.time() + period
     while True:
         await asyncio.sleep(max(0.0, next_tick - loop.time()))
         await send_to_all(hub, packet)
-        next_tick += HELLO_PERIOD
+        next_tick += period
         if next_tick < loop.time():
-            next_tick = loop.time() + HELLO_PERIOD
+            next_tick = loop.time() + period
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -184,7 +184,7 @@ async def serve(args: argparse.Namespace) -> None:
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
-    ticker = asyncio.ensure_future(hello_loop(hub)) if args.mode == "hello" else None
+    ticker = asyncio.ensure_future(hello_loop(hub, 1 / args.hello_hz)) if args.mode == "hello" else None
     try:
         await stop
     finally:
@@ -199,6 +199,8 @@ def main() -> int:
     parser.add_argument("--mode", choices=["broadcast", "echo", "hello", "idle", "raw-echo"], required=True)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's own loop")
     parser.add_argument("--backlog", type=int, default=1024)
+    parser.add_argument("--hello-hz", type=float, default=1 / HELLO_PERIOD,
+                        help="hello mode: Hello World broadcasts per second (the lecture's 4)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

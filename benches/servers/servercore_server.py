@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--io-threads", type=int, default=None)
     parser.add_argument("--no-inline-io", action="store_true", help="only the I/O threads serve sockets (inline_io=False)")
     parser.add_argument("--max-sessions", type=int, default=20_000)
+    parser.add_argument("--hello-hz", type=float, default=1 / HELLO_PERIOD,
+                        help="hello mode: Hello World broadcasts per second (the lecture's 4)")
     parser.add_argument("--poll-every", type=int, default=64, help="broadcasts between two poll(0) calls")
     args = parser.parse_args()
 
@@ -114,15 +116,16 @@ def main() -> int:
     hello = SendBuffer(ID_BROADCAST, b"Hello World".ljust(1000, b"\0"))
     try:
         if args.mode == "hello":
-            next_tick = time.monotonic() + HELLO_PERIOD
+            period = 1 / args.hello_hz
+            next_tick = time.monotonic() + period
             while True:
                 server.poll(max(0.0, next_tick - time.monotonic()))
                 now = time.monotonic()
                 if now >= next_tick:
                     server.broadcast(hello)
-                    next_tick += HELLO_PERIOD
+                    next_tick += period
                     if next_tick < now:
-                        next_tick = now + HELLO_PERIOD
+                        next_tick = now + period
         else:
             while True:
                 server.poll(0.1)

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -148,6 +148,18 @@ struct IdleArgs {
     /// (default: --clients; more when other clients are already connected).
     #[arg(long)]
     expect_sessions: Option<usize>,
+    /// Local (source) addresses, comma-separated, bound round-robin before each
+    /// connect: one address has only the ephemeral port range (about 28k ports)
+    /// toward one server port. Loopback only. Default: the kernel's choice,
+    /// which is the target's own address.
+    #[arg(long, value_delimiter = ',')]
+    sources: Vec<IpAddr>,
+    /// Packets per second every connection must receive (the Hello World's
+    /// 4 Hz): over the measured window of `w` seconds each connection's count
+    /// must lie in [floor(rate*w) - 1, ceil(rate*w) + 1]; each one outside is
+    /// an error.
+    #[arg(long)]
+    expect_rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -753,6 +765,64 @@ struct IdleCounters {
     bad: AtomicU64,
 }
 
+/// What the idle readers share: the totals, each connection's packet count,
+/// and the widest gap between two reads that brought packets, counted only
+/// for gaps that began inside the measured window.
+struct IdleShared {
+    counters: IdleCounters,
+    per_conn: Box<[AtomicU32]>,
+    epoch: Instant,
+    /// ns since `epoch` when the measured window began.
+    window_start_ns: AtomicU64,
+    max_gap_ns: AtomicU64,
+    /// Those gaps in GAP_BUCKET_MS buckets (the last one: everything longer).
+    gap_hist: Box<[AtomicU64]>,
+    expect_hello: Option<usize>,
+}
+
+const GAP_BUCKET_MS: u64 = 5;
+const GAP_BUCKETS: usize = 401;
+
+impl IdleShared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn gap(&self, ns: u64) {
+        self.max_gap_ns.fetch_max(ns, Ordering::Relaxed);
+        let bucket = ((ns / 1_000_000 / GAP_BUCKET_MS) as usize).min(GAP_BUCKETS - 1);
+        self.gap_hist[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The gap (ms, a bucket's upper end) below which a fraction `q` of the gaps fall.
+    fn gap_percentile(&self, hist: &[u64], q: f64) -> u64 {
+        let total: u64 = hist.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &n) in hist.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return (i as u64 + 1) * GAP_BUCKET_MS;
+            }
+        }
+        GAP_BUCKETS as u64 * GAP_BUCKET_MS
+    }
+
+    fn snapshot(&self) -> Vec<u32> {
+        self.per_conn.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Counts and checks one packet of connection `i` (its count is added by the caller).
+    fn packet(&self, id: u16, payload: &[u8]) -> Result<(), String> {
+        self.counters.packets.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add((payload.len() + HEADER) as u64, Ordering::Relaxed);
+        check_idle_packet(id, payload, self.expect_hello)
+    }
+}
+
 fn check_idle_packet(id: u16, payload: &[u8], expect_hello: Option<usize>) -> Result<(), String> {
     match expect_hello {
         Some(size) if id == ID_BROADCAST => {
@@ -766,126 +836,334 @@ fn check_idle_packet(id: u16, payload: &[u8], expect_hello: Option<usize>) -> Re
     }
 }
 
+/// One connection, bound first to `source` if given (port chosen at connect
+/// time: IP_BIND_ADDRESS_NO_PORT), TCP_NODELAY on.
+async fn open_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(source) = source {
+        if source.is_ipv4() {
+            use std::os::fd::AsRawFd;
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket we own, with a valid int option.
+            // Best effort: without it the port is chosen at bind, from the same range.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn open_within(addr: SocketAddr, source: Option<IpAddr>, i: usize) -> Result<TcpStream, String> {
+    let from = source.map(|s| format!(" from {s}")).unwrap_or_default();
+    match tokio::time::timeout(Duration::from_secs(15), open_from(addr, source)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(format!("connection {i}{from}: {e}")),
+        Err(_) => Err(format!("connection {i}{from}: no connection within 15 s")),
+    }
+}
+
+/// Reads connection `i` until it fails: counts every packet (in all and for
+/// this connection), checks it, and keeps the widest gap between reads that
+/// brought whole packets. On an error it reports and keeps the socket open.
+async fn idle_reader(
+    i: usize,
+    mut stream: TcpStream,
+    mut frames: FrameBuf,
+    shared: Arc<IdleShared>,
+    error_tx: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let mut last_ns: Option<u64> = None;
+    let result: Result<(), String> = async {
+        loop {
+            let mut got = 0u32;
+            let checked: Result<(), String> = (|| {
+                while let Some((id, payload)) = frames.next()? {
+                    got += 1;
+                    shared.packet(id, payload)?;
+                }
+                Ok(())
+            })();
+            if got > 0 {
+                shared.per_conn[i].fetch_add(got, Ordering::Relaxed);
+                let now = shared.now_ns();
+                if let Some(last) = last_ns {
+                    if last >= shared.window_start_ns.load(Ordering::Relaxed) {
+                        shared.gap(now - last);
+                    }
+                }
+                last_ns = Some(now);
+            }
+            if let Err(e) = checked {
+                shared.counters.bad.fetch_add(1, Ordering::Relaxed);
+                return Err(format!("connection {i}: {e}"));
+            }
+            match frames.fill(&mut stream).await {
+                Ok(0) => {
+                    shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+                    return Err(format!("connection {i}: closed by the server"));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+                    return Err(format!("connection {i}: {e}"));
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = error_tx.send(e);
+    }
+    // Keep the socket open until the process exits.
+    std::future::pending::<()>().await;
+}
+
+/// `idle`: connects `--clients` connections (each read from the moment it is
+/// up, so nothing piles up while the rest connect), holds them, and checks
+/// what arrives. Prints a "connected" line once the server reports every
+/// session, then, when the hold ends (`--hold` or stdin closed), a summary.
+/// A line "mark" on stdin (re)starts the measured window: each connection's
+/// packets in it (min / max over the connections) and the widest gap between
+/// two reads; with `--expect-rate` every connection's count must be in the band.
 async fn idle_run(args: IdleArgs) -> Result<i32, String> {
     let addr = address(&args.common)?;
+    for source in &args.sources {
+        if !source.is_loopback() {
+            return Err(format!("refusing source {source}: loadgen only uses loopback addresses"));
+        }
+        if source.is_ipv4() != addr.is_ipv4() {
+            return Err(format!("source {source} is not of the target's address family ({})", addr.ip()));
+        }
+    }
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let nofile = servercore_loadgen::raise_nofile_to(args.clients as u64 + 64);
+    if nofile < args.clients as u64 + 16 {
+        return Err(format!(
+            "RLIMIT_NOFILE is {nofile} and could not be raised: {} connections need about {}",
+            args.clients,
+            args.clients + 16
+        ));
+    }
+    let source_of = |i: usize| (!args.sources.is_empty()).then(|| args.sources[i % args.sources.len()]);
     let timeout = Duration::from_secs_f64(args.common.timeout);
+    let shared = Arc::new(IdleShared {
+        counters: IdleCounters::default(),
+        per_conn: (0..args.clients).map(|_| AtomicU32::new(0)).collect(),
+        epoch: Instant::now(),
+        window_start_ns: AtomicU64::new(u64::MAX),
+        max_gap_ns: AtomicU64::new(0),
+        gap_hist: (0..GAP_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        expect_hello: args.expect_hello,
+    });
+    let (error_tx, mut error_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+
     let connecting = Instant::now();
-    let mut streams = connect_all(addr, args.clients, args.common.connect_concurrency).await?;
+    // Connection 0 first: it asks the server for its session count, then reads like the rest.
+    let mut stream0 = open_within(addr, source_of(0), 0).await?;
+    let semaphore = Arc::new(Semaphore::new(args.common.connect_concurrency.max(1)));
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
+    for i in 1..args.clients {
+        let semaphore = semaphore.clone();
+        let (shared, error_tx, conn_tx) = (shared.clone(), error_tx.clone(), conn_tx.clone());
+        let source = source_of(i);
+        tokio::spawn(async move {
+            let permit = semaphore.acquire_owned().await.expect("semaphore open");
+            let opened = open_within(addr, source, i).await;
+            drop(permit);
+            match opened {
+                Ok(stream) => {
+                    let _ = conn_tx.send(Ok(()));
+                    drop(conn_tx);
+                    idle_reader(i, stream, FrameBuf::new(2048), shared, error_tx).await;
+                }
+                Err(e) => {
+                    let _ = conn_tx.send(Err(e));
+                }
+            }
+        });
+    }
+    drop(conn_tx);
+    let (mut connected, mut failed, mut first_failure) = (1usize, 0usize, None);
+    while let Some(outcome) = conn_rx.recv().await {
+        match outcome {
+            Ok(()) => connected += 1,
+            Err(e) => {
+                failed += 1;
+                first_failure.get_or_insert(e);
+            }
+        }
+    }
     let connect_seconds = connecting.elapsed().as_secs_f64();
-    let counters = Arc::new(IdleCounters::default());
+    if let Some(e) = first_failure {
+        return Err(format!(
+            "{failed} of {} connections failed, {connected} connected in {connect_seconds:.1} s (first: {e}; RLIMIT_NOFILE {})",
+            args.clients,
+            nofile_limit()
+        ));
+    }
+
     let mut frames0 = FrameBuf::new(4096);
     let mut server_sessions = None;
-    if !args.common.no_ready_check && !streams.is_empty() {
-        let expect = args.expect_hello;
-        let c = counters.clone();
+    if !args.common.no_ready_check {
         let want = args.expect_sessions.unwrap_or(args.clients);
-        let n = await_sessions(&mut streams[0], &mut frames0, want, timeout, &mut |id, payload| {
-            c.packets.fetch_add(1, Ordering::Relaxed);
-            c.bytes.fetch_add((payload.len() + HEADER) as u64, Ordering::Relaxed);
-            check_idle_packet(id, payload, expect)
+        let s = shared.clone();
+        let n = await_sessions(&mut stream0, &mut frames0, want, timeout, &mut |id, payload| {
+            s.per_conn[0].fetch_add(1, Ordering::Relaxed);
+            s.packet(id, payload)
         })
         .await?;
         server_sessions = Some(n);
     }
+    let ready_seconds = connecting.elapsed().as_secs_f64();
+    tokio::spawn(idle_reader(0, stream0, frames0, shared.clone(), error_tx.clone()));
+    drop(error_tx);
+    let sources = if args.sources.is_empty() { vec![addr.ip()] } else { args.sources.clone() };
+    let sources_json = sources.iter().map(|s| json_str(&s.to_string())).collect::<Vec<_>>().join(",");
     println!(
-        "{{\"connected\":{},\"server_sessions\":{},\"connect_seconds\":{:.3}}}",
-        streams.len(),
+        "{{\"connected\":{},\"server_sessions\":{},\"connect_seconds\":{:.3},\"ready_seconds\":{:.3},\"sources\":[{}],\"nofile\":{}}}",
+        connected,
         server_sessions.map_or("null".to_string(), |n| n.to_string()),
-        connect_seconds
+        connect_seconds,
+        ready_seconds,
+        sources_json,
+        nofile
     );
     let _ = io::stdout().flush();
 
-    let mut first_error: Option<String> = None;
-    let (error_tx, mut error_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut readers = JoinSet::new();
-    for (i, mut stream) in streams.into_iter().enumerate() {
-        let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(2048) };
-        let counters = counters.clone();
-        let error_tx = error_tx.clone();
-        let expect = args.expect_hello;
-        readers.spawn(async move {
-            let mut frames = frames;
-            let result: Result<(), String> = async {
-                loop {
-                    let checked: Result<(), String> = (|| {
-                        while let Some((id, payload)) = frames.next()? {
-                            counters.packets.fetch_add(1, Ordering::Relaxed);
-                            counters.bytes.fetch_add((payload.len() + HEADER) as u64, Ordering::Relaxed);
-                            check_idle_packet(id, payload, expect)?;
-                        }
-                        Ok(())
-                    })();
-                    if let Err(e) = checked {
-                        counters.bad.fetch_add(1, Ordering::Relaxed);
-                        return Err(format!("connection {i}: {e}"));
+    // stdin: a line "mark" (re)starts the window; EOF ends the hold.
+    let (mark_tx, mut mark_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let _keep_marks_open = if args.ignore_stdin {
+        Some(mark_tx)
+    } else {
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            for line in io::stdin().lock().lines() {
+                match line {
+                    Ok(line) if line.trim() == "mark" => {
+                        let _ = mark_tx.send(());
                     }
-                    match frames.fill(&mut stream).await {
-                        Ok(0) => {
-                            counters.closed.fetch_add(1, Ordering::Relaxed);
-                            return Err(format!("connection {i}: closed by the server"));
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            counters.closed.fetch_add(1, Ordering::Relaxed);
-                            return Err(format!("connection {i}: {e}"));
-                        }
-                    }
+                    Ok(_) => {}
+                    Err(_) => return,
                 }
             }
-            .await;
-            if let Err(e) = result {
-                let _ = error_tx.send(e);
-            }
-            // Keep the socket open until the process exits.
-            std::future::pending::<()>().await;
         });
-    }
-    drop(error_tx);
+        None
+    };
 
+    let held = Instant::now();
+    let mut window_start = held;
+    shared.window_start_ns.store(shared.now_ns(), Ordering::Relaxed);
+    let mut base = shared.snapshot();
+    let mut base_packets = shared.counters.packets.load(Ordering::Relaxed);
     let hold = tokio::time::sleep(Duration::from_secs_f64(args.hold));
     tokio::pin!(hold);
-    let stdin_closed = async {
-        if args.ignore_stdin {
-            std::future::pending::<()>().await;
-        }
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = [0u8; 256];
-            let mut stdin = io::stdin();
-            loop {
-                match io::Read::read(&mut stdin, &mut sink) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    };
-    tokio::pin!(stdin_closed);
-    let held = Instant::now();
+    let mut first_error: Option<String> = None;
     loop {
         tokio::select! {
             () = &mut hold => break,
-            () = &mut stdin_closed => break,
+            mark = mark_rx.recv() => match mark {
+                Some(()) => {
+                    window_start = Instant::now();
+                    shared.window_start_ns.store(shared.now_ns(), Ordering::Relaxed);
+                    shared.max_gap_ns.store(0, Ordering::Relaxed);
+                    for b in shared.gap_hist.iter() {
+                        b.store(0, Ordering::Relaxed);
+                    }
+                    base = shared.snapshot();
+                    base_packets = shared.counters.packets.load(Ordering::Relaxed);
+                    println!("{{\"marked\":true,\"held_seconds\":{:.3}}}", held.elapsed().as_secs_f64());
+                    let _ = io::stdout().flush();
+                }
+                None => break,
+            },
             Some(e) = error_rx.recv() => { first_error.get_or_insert(e); }
         }
     }
+    let end = shared.snapshot();
+    let window_packets = shared.counters.packets.load(Ordering::Relaxed) - base_packets;
+    let window_seconds = window_start.elapsed().as_secs_f64();
+    let held_seconds = held.elapsed().as_secs_f64();
     while let Ok(e) = error_rx.try_recv() {
         first_error.get_or_insert(e);
     }
-    let closed = counters.closed.load(Ordering::Relaxed);
-    let bad = counters.bad.load(Ordering::Relaxed);
-    let errors = closed + bad;
+    let counts: Vec<u32> = end.iter().zip(&base).map(|(e, b)| e.wrapping_sub(*b)).collect();
+    let min = counts.iter().copied().min().unwrap_or(0);
+    let max = counts.iter().copied().max().unwrap_or(0);
+    let hist: Vec<u64> = shared.gap_hist.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+    // Percentiles are bucket upper ends (5 ms buckets), never above the exact max.
+    let max_gap_ms = shared.max_gap_ns.load(Ordering::Relaxed) as f64 / 1e6;
+    let pct = |q: f64| (shared.gap_percentile(&hist, q) as f64).min(max_gap_ms.ceil());
+    let gaps_json = format!(
+        ",\"gaps\":{},\"gap_ms\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{:.1}}}",
+        hist.iter().sum::<u64>(),
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        max_gap_ms
+    );
+    let mut rate_json = String::new();
+    let mut outside = 0u64;
+    if let Some(rate) = args.expect_rate {
+        let lo = ((rate * window_seconds).floor() as i64 - 1).max(0) as u32;
+        let hi = (rate * window_seconds).ceil() as u32 + 1;
+        let mut first_outside = None;
+        for (i, &c) in counts.iter().enumerate() {
+            if c < lo || c > hi {
+                outside += 1;
+                first_outside.get_or_insert((i, c));
+            }
+        }
+        // A gap over 1.5 periods: a packet at least half a period late (or a tick missed).
+        let late_ms = (1500.0 / rate) as u64;
+        let late: u64 = hist
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u64 * GAP_BUCKET_MS >= late_ms)
+            .map(|(_, n)| n)
+            .sum();
+        rate_json = format!(
+            ",\"expect_rate\":{rate},\"per_conn_band\":[{lo},{hi}],\"per_conn_outside\":{outside},\"gaps_over_{late_ms}ms\":{late}"
+        );
+        if let Some((i, c)) = first_outside {
+            rate_json.push_str(&format!(",\"first_outside\":\"connection {i}: {c} packets\""));
+            first_error.get_or_insert(format!(
+                "connection {i}: {c} packets in {window_seconds:.3} s, outside [{lo}, {hi}]"
+            ));
+        }
+    }
+    let closed = shared.counters.closed.load(Ordering::Relaxed);
+    let bad = shared.counters.bad.load(Ordering::Relaxed);
+    let errors = closed + bad + outside;
     if let Some(e) = &first_error {
         eprintln!("loadgen idle: {e}");
     }
     let first = first_error.map(|e| format!(",\"first_error\":{}", json_str(&e))).unwrap_or_default();
     println!(
-        "{{\"workload\":\"idle\",\"clients\":{},\"held_seconds\":{:.3},\"received_packets\":{},\"received_bytes\":{},\"closed_by_server\":{},\"errors\":{}{}}}",
+        "{{\"workload\":\"idle\",\"clients\":{},\"held_seconds\":{:.3},\"received_packets\":{},\"received_bytes\":{},\"closed_by_server\":{},\"window_seconds\":{:.3},\"window_packets\":{},\"per_conn_min\":{},\"per_conn_max\":{},\"max_gap_ms\":{:.1}{}{},\"errors\":{}{}}}",
         args.clients,
-        held.elapsed().as_secs_f64(),
-        counters.packets.load(Ordering::Relaxed),
-        counters.bytes.load(Ordering::Relaxed),
+        held_seconds,
+        shared.counters.packets.load(Ordering::Relaxed),
+        shared.counters.bytes.load(Ordering::Relaxed),
         closed,
+        window_seconds,
+        window_packets,
+        min,
+        max,
+        shared.max_gap_ns.load(Ordering::Relaxed) as f64 / 1e6,
+        gaps_json,
+        rate_json,
         errors,
         first
     );
