@@ -620,33 +620,7 @@ async fn echo_run(
         let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(16 * 1024) };
         tasks.spawn(async move { (i, echo_client(stream, frames, inflight, count, size, started).await) });
     }
-    let mut rtts: Vec<u64> = Vec::with_capacity(clients * count as usize);
-    let mut last_done = started;
-    let mut errors = Vec::new();
-    let deadline = started + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, tasks.join_next()).await {
-            Ok(Some(Ok((_, Ok((samples, done)))))) => {
-                rtts.extend_from_slice(&samples);
-                last_done = last_done.max(done);
-            }
-            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
-            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
-            Ok(None) => break,
-            Err(_) => {
-                errors.push(format!(
-                    "timeout after {:.1} s with {} clients unfinished",
-                    timeout.as_secs_f64(),
-                    tasks.len()
-                ));
-                tasks.abort_all();
-                break;
-            }
-        }
-    }
-    let seconds = last_done.duration_since(started).as_secs_f64();
-    rtts.sort_unstable();
+    let (rtts, seconds, errors) = collect_rtts(tasks, started, timeout, clients * count as usize).await;
     let round_trips = rtts.len() as u64;
     for e in errors.iter().take(10) {
         eprintln!("loadgen {label}: {e}");
@@ -671,6 +645,47 @@ async fn echo_run(
         first
     );
     Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// What the echo clients return: each one's RTTs (ns) and when it finished.
+type ClientResult = (usize, Result<(Vec<u64>, Instant), String>);
+
+/// Waits for every client task (the whole run bounded by `timeout` from
+/// `started`); returns the RTTs sorted, the seconds from `started` to the last
+/// client's finish, and the errors.
+async fn collect_rtts(
+    mut tasks: JoinSet<ClientResult>,
+    started: Instant,
+    timeout: Duration,
+    expected: usize,
+) -> (Vec<u64>, f64, Vec<String>) {
+    let mut rtts: Vec<u64> = Vec::with_capacity(expected);
+    let mut last_done = started;
+    let mut errors = Vec::new();
+    let deadline = started + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tasks.join_next()).await {
+            Ok(Some(Ok((_, Ok((samples, done)))))) => {
+                rtts.extend_from_slice(&samples);
+                last_done = last_done.max(done);
+            }
+            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
+            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                errors.push(format!(
+                    "timeout after {:.1} s with {} clients unfinished",
+                    timeout.as_secs_f64(),
+                    tasks.len()
+                ));
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    rtts.sort_unstable();
+    (rtts, last_done.duration_since(started).as_secs_f64(), errors)
 }
 
 /// Writes echo packet `seq` stamped `sent_ns` into `out`: `[seq][sent_ns][padding]`.
@@ -1370,33 +1385,7 @@ async fn raw_echo_run(args: RawEchoArgs) -> Result<i32, String> {
         let stream = stream.expect("every probe accounted for");
         tasks.spawn(async move { (i, raw_echo_client(stream, i, inflight, count, size, started).await) });
     }
-    let mut rtts: Vec<u64> = Vec::with_capacity(clients * count as usize);
-    let mut last_done = started;
-    let mut errors = Vec::new();
-    let deadline = started + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, tasks.join_next()).await {
-            Ok(Some(Ok((_, Ok((samples, done)))))) => {
-                rtts.extend_from_slice(&samples);
-                last_done = last_done.max(done);
-            }
-            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
-            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
-            Ok(None) => break,
-            Err(_) => {
-                errors.push(format!(
-                    "timeout after {:.1} s with {} clients unfinished",
-                    timeout.as_secs_f64(),
-                    tasks.len()
-                ));
-                tasks.abort_all();
-                break;
-            }
-        }
-    }
-    let seconds = last_done.duration_since(started).as_secs_f64();
-    rtts.sort_unstable();
+    let (rtts, seconds, errors) = collect_rtts(tasks, started, timeout, clients * count as usize).await;
     let messages = rtts.len() as u64;
     for e in errors.iter().take(10) {
         eprintln!("loadgen {label}: {e}");
