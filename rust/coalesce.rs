@@ -8,7 +8,7 @@
 //! instead and written when the batch ends (or every few hundred events, which
 //! bounds the latency this adds): one gathered write per session per batch.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,19 +25,29 @@ const WRITE_HERE_SESSIONS: usize = 32;
 /// A batch of more events than this is load: its writes go to the drivers.
 const LIGHT_BATCH_EVENTS: usize = 64;
 
+/// A batch of at most this many events (packets) writes each send through at
+/// once, when its session has nothing queued: a request answered by one
+/// packet leaves at once, uncopied, as from a single-threaded event loop.
+/// Bigger batches coalesce, one write per session.
+const WRITE_THROUGH_EVENTS: usize = 4;
+
 thread_local! {
     /// Sessions owed a write by sends made on this thread inside a batch.
     static OWED: RefCell<Option<Vec<Arc<SessionHandle>>>> = const { RefCell::new(None) };
+    /// Sends made on this thread write through (see `send_parts`).
+    static WRITE_THROUGH: Cell<bool> = const { Cell::new(true) };
 }
 
 /// While alive, sends made on this thread defer their writes until
-/// [`flush`](Self::flush) or drop. Batches may nest; the outermost one owns the writes.
+/// [`flush`](Self::flush) or drop, unless the batch is light enough for them to
+/// write through. Batches may nest; the outermost one owns the writes.
 pub struct WriteBatch {
     outermost: bool,
 }
 
 impl WriteBatch {
-    pub fn begin() -> Self {
+    /// A batch of about `events` events (packets, connects, disconnects).
+    pub fn begin(events: usize) -> Self {
         let outermost = OWED.with_borrow_mut(|owed| {
             if owed.is_some() {
                 return false;
@@ -45,6 +55,9 @@ impl WriteBatch {
             *owed = Some(Vec::new());
             true
         });
+        if outermost {
+            WRITE_THROUGH.set(events <= WRITE_THROUGH_EVENTS);
+        }
         Self { outermost }
     }
 
@@ -75,8 +88,22 @@ impl Drop for WriteBatch {
         self.flush(0);
         if self.outermost {
             OWED.with_borrow_mut(|owed| *owed = None);
+            WRITE_THROUGH.set(true);
         }
     }
+}
+
+/// Sends `parts` (a header and a payload, or raw bytes) on `handle`: written
+/// through at once, uncopied, outside a batch or in a light one, when nothing
+/// is queued before them; else copied into the pool (`encode`) and sent like
+/// [`send`].
+pub fn send_parts(handle: &Arc<SessionHandle>, parts: &[&[u8]], encode: impl FnOnce() -> Bytes) -> Push {
+    if WRITE_THROUGH.get() {
+        if let Some(outcome) = handle.write_through(parts) {
+            return outcome;
+        }
+    }
+    send(handle, encode())
 }
 
 /// Queues `packet` on `handle` like [`SessionHandle::send`], but inside a

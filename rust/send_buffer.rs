@@ -113,7 +113,14 @@ impl SendBufferPool {
     /// Copies raw bytes (no header: a raw session's stream) into pooled memory
     /// once; the result can be queued on any number of sessions.
     pub fn copy(&self, data: &[u8]) -> Bytes {
-        self.write(data.len(), |out| out.put_slice(data))
+        self.copy_parts(&[data])
+    }
+
+    /// Copies `parts` (a header and a payload, say), one after the other,
+    /// into pooled memory once.
+    pub fn copy_parts(&self, parts: &[&[u8]]) -> Bytes {
+        let len = parts.iter().map(|part| part.len()).sum();
+        self.write(len, |out| parts.iter().for_each(|part| out.put_slice(part)))
     }
 
     /// The lecture's `Open(size)` / `Close(size)`: `fill` writes exactly `len`

@@ -184,6 +184,56 @@ impl SendQueue {
         (bytes, packets)
     }
 
+    /// Writes `parts` (one packet or one raw chunk: at most a header and a
+    /// payload) straight to the socket,
+    /// before anything is copied, if nothing is queued and nobody holds the
+    /// writer role; returns `None` if something is (then the caller queues as
+    /// usual, so order holds). Under the lock, like
+    /// [`write_now`](Self::write_now): `written(bytes, packets)` is told what
+    /// the kernel took, and what it did not take is copied by `rest(skip)` (the
+    /// bytes after the first `skip`) and queued for the driver, which is woken.
+    pub fn write_through(
+        &self,
+        parts: &[&[u8]],
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+        written: impl FnOnce(usize, u64),
+        rest: impl FnOnce(usize) -> Bytes,
+    ) -> Option<Push> {
+        let mut state = self.lock();
+        if state.close.is_some() || state.finished {
+            return Some(Push::Closed);
+        }
+        if state.writer != Writer::Idle || !state.queued.is_empty() {
+            return None;
+        }
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        let mut slices = [IoSlice::new(&[]); 2];
+        assert!(parts.len() <= slices.len(), "a header and a payload at most");
+        for (slice, part) in slices.iter_mut().zip(parts) {
+            *slice = IoSlice::new(part);
+        }
+        let sent = loop {
+            match write(&slices[..parts.len()]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Full or failed: the driver waits for room, or meets the error.
+                Err(_) => break 0,
+            }
+        };
+        if sent > 0 {
+            written(sent, u64::from(sent == total));
+        }
+        if sent < total {
+            let tail = rest(sent);
+            state.unsent_bytes += tail.len();
+            state.queued.push_back(tail);
+            state.writer = Writer::Driver;
+            drop(state);
+            self.wake_driver();
+        }
+        Some(Push::Queued)
+    }
+
     /// Records why the session is closing. The first reason wins; returns whether
     /// this call was the first. The driver takes the writer role from a caller,
     /// so what was queued before the close is flushed by the close.
@@ -379,6 +429,35 @@ mod tests {
         let mut in_flight = VecDeque::new();
         assert!(queue.collect(0, &mut in_flight));
         assert_eq!(&in_flight[0][..], b"goodbye");
+    }
+
+    #[test]
+    fn an_idle_queue_writes_through_and_queues_only_what_the_socket_did_not_take() {
+        let queue = SendQueue::default();
+        let mut wire = Vec::new();
+        let outcome = queue.write_through(
+            &[b"head", b"payload"],
+            |slices| {
+                slices.iter().for_each(|s| wire.extend_from_slice(s));
+                Ok(6)
+            },
+            |bytes, packets| assert_eq!((bytes, packets), (6, 0), "told of a partial write"),
+            |skip| Bytes::from_static(&b"headpayload"[skip..]),
+        );
+        assert_eq!(outcome, Some(Push::Queued));
+        assert_eq!(queue.unsent_bytes(), 5, "the 5 bytes the socket did not take");
+        assert_eq!(queue.push_quietly(packet(1), 100), (Push::Queued, false), "the driver writes the rest");
+        let mut in_flight = VecDeque::new();
+        assert!(queue.collect(0, &mut in_flight));
+        assert_eq!(&in_flight[0][..], b"yload");
+    }
+
+    #[test]
+    fn a_busy_queue_does_not_write_through() {
+        let queue = SendQueue::default();
+        queue.push_quietly(Bytes::from_static(b"first"), 100);
+        let outcome = queue.write_through(&[b"second"], |_| panic!("no write"), |_, _| {}, |_| Bytes::new());
+        assert_eq!(outcome, None, "queued behind the first, in order");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::doorbell::Doorbell;
 use crate::events::Event;
 pub use crate::events::SessionId;
 use crate::reason::DisconnectReason;
+use crate::send_buffer::SendBufferPool;
 use crate::send_queue::{Push, SendQueue};
 use crate::stats::ServiceStats;
 
@@ -169,6 +170,42 @@ impl SessionHandle {
                 }
             },
         );
+    }
+
+    /// Writes `parts` (a header and a payload, or raw bytes) to the socket at
+    /// once if nothing is queued before them, copying only what the socket
+    /// does not take (as asyncio's `transport.write` does); `None` if
+    /// something is queued, and the caller must queue them as usual.
+    pub fn write_through(&self, parts: &[&[u8]]) -> Option<Push> {
+        // SAFETY: as in `write_now`: the queue's lock is held while the
+        // socket is used, and the driver finishes the queue under that lock
+        // before it closes the socket.
+        let socket = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let context = &self.context;
+        self.queue.write_through(
+            parts,
+            |slices| send_no_signal(SockRef::from(&socket), slices),
+            |bytes, packets| {
+                let stats = &context.stats;
+                ServiceStats::add(&stats.bytes_out, bytes as u64);
+                ServiceStats::add(&stats.packets_out, packets);
+                if context.config.report_sent {
+                    context.events.push(Event::Sent { session: self.id, nbytes: bytes });
+                }
+            },
+            |mut skip| {
+                // What the socket did not take: the rest of each part.
+                let mut rest = [&[][..]; 2];
+                for (tail, part) in rest.iter_mut().zip(parts) {
+                    let from = skip.min(part.len());
+                    *tail = &part[from..];
+                    skip -= from;
+                }
+                let tail = SendBufferPool::global().copy_parts(&rest[..parts.len()]);
+                context.stats.send_queue_bytes.fetch_add(tail.len(), Ordering::Relaxed);
+                tail
+            },
+        )
     }
 
     /// Closes the session from the application's side: what was queued before

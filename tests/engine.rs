@@ -388,7 +388,7 @@ fn sends_inside_a_write_batch_leave_when_the_batch_ends() {
     let mut client = connect(server.local_addr());
     assert!(app.pump(&server, FEW_SECONDS, |app| app.sessions() == 1));
     let handle = app.only_handle();
-    let batch = WriteBatch::begin();
+    let batch = WriteBatch::begin(32);
     for i in 0..32u16 {
         coalesce::send(&handle, SendBufferPool::global().encode(i, b"answer").unwrap());
     }

@@ -203,8 +203,13 @@ impl Dispatcher {
 
     fn deliver_pending(&self, py: Python<'_>, delivery: &mut Delivery) -> PyResult<usize> {
         logging::flush(py)?;
-        // Answers given by these callbacks leave in one write per session.
-        let writes = WriteBatch::begin();
+        // Answers given by these callbacks leave in one write per session (or,
+        // in a batch of a few packets, each at once).
+        let packets = delivery.pending.iter().map(|event| match event {
+            Event::Packets { packets, .. } => packets.len(),
+            _ => 1,
+        });
+        let writes = WriteBatch::begin(packets.sum());
         let mut run = Run::default();
         let (mut delivered, mut flushed_at) = (0, 0);
         while let Some(event) = delivery.pending.pop_front() {

@@ -13,7 +13,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyInt, PyType};
 
 use super::options::{self, type_name};
 use crate::config::Framing;
-use crate::frame::{HEADER_SIZE, MAX_WIRE_PACKET_SIZE};
+use crate::frame::{HEADER_SIZE, MAX_WIRE_PACKET_SIZE, encode_header};
 use crate::send_buffer::SendBufferPool;
 
 /// Encoded bytes, immutable, sendable to any number of sessions: each one
@@ -78,14 +78,7 @@ impl PySendBuffer {
 /// Encodes `payload` into the pool, checking it against `max_packet_size`.
 pub fn encode(packet_id: u16, payload: &Bound<'_, PyAny>, max_packet_size: usize) -> PyResult<Bytes> {
     with_payload(payload, |bytes| {
-        let size = HEADER_SIZE + bytes.len();
-        if size > max_packet_size {
-            return Err(PyValueError::new_err(format!(
-                "payload of {} bytes makes a {size}-byte packet, over max_packet_size {max_packet_size} \
-                 (header of {HEADER_SIZE} included); split it or raise max_packet_size",
-                bytes.len()
-            )));
-        }
+        check_packet_size(bytes.len(), max_packet_size)?;
         SendBufferPool::global().encode(packet_id, bytes).map_err(|e| PyValueError::new_err(e.to_string()))
     })?
 }
@@ -104,14 +97,81 @@ pub fn bytes_from_args(
         Framing::Packets => packet_from_args(first, payload, max_packet_size)?,
         Framing::Raw => raw_from_args(first, payload)?,
     };
-    if bytes.len() > max_bytes {
+    check_queue_room(bytes.len(), max_bytes)?;
+    Ok(bytes)
+}
+
+/// Runs `f` over what `send(...)` was given, as the parts of its bytes on the
+/// wire for a session with `framing`, checked like [`bytes_from_args`]: a
+/// header and the caller's own payload buffer, uncopied; raw bytes; or the
+/// bytes of a `SendBuffer`, which `f` also gets as the shared `Bytes` they are
+/// (to queue without copying). `f` may write the parts straight to a socket.
+pub fn with_wire_parts<R>(
+    framing: Framing,
+    first: &Bound<'_, PyAny>,
+    payload: Option<&Bound<'_, PyAny>>,
+    max_packet_size: usize,
+    max_bytes: usize,
+    f: impl FnOnce(&[&[u8]], Option<&Bytes>) -> R,
+) -> PyResult<R> {
+    if first.cast::<PySendBuffer>().is_ok() {
+        let bytes = bytes_from_args(framing, first, payload, max_packet_size, max_bytes)?;
+        return Ok(f(&[&bytes], Some(&bytes)));
+    }
+    match framing {
+        Framing::Packets => {
+            let payload = payload.ok_or_else(|| alone(first))?;
+            let id = options::packet_id(first)?;
+            with_payload(payload, |data| {
+                check_packet_size(data.len(), max_packet_size)?;
+                Ok(f(&[&encode_header(id, data.len()), data], None))
+            })?
+        }
+        Framing::Raw => {
+            if payload.is_some() || first.is_instance_of::<PyInt>() {
+                return Err(raw_sends_bytes());
+            }
+            with_payload(first, |data| {
+                check_queue_room(data.len(), max_bytes)?;
+                Ok(f(&[data], None))
+            })?
+        }
+    }
+}
+
+fn alone(packet: &Bound<'_, PyAny>) -> PyErr {
+    PyTypeError::new_err(format!(
+        "expected a SendBuffer, or a packet id and a payload; got {} alone",
+        type_name(packet)
+    ))
+}
+
+fn raw_sends_bytes() -> PyErr {
+    PyTypeError::new_err(
+        "a raw Session sends bytes as they are: send(data); subclass PacketSession to send \
+         (packet_id, payload) packets",
+    )
+}
+
+fn check_packet_size(payload_len: usize, max_packet_size: usize) -> PyResult<()> {
+    let size = HEADER_SIZE + payload_len;
+    if size > max_packet_size {
         return Err(PyValueError::new_err(format!(
-            "{} bytes can never be sent: max_send_queue_bytes is {max_bytes}; send them in parts or \
-             raise max_send_queue_bytes",
-            bytes.len()
+            "payload of {payload_len} bytes makes a {size}-byte packet, over max_packet_size \
+             {max_packet_size} (header of {HEADER_SIZE} included); split it or raise max_packet_size"
         )));
     }
-    Ok(bytes)
+    Ok(())
+}
+
+fn check_queue_room(len: usize, max_bytes: usize) -> PyResult<()> {
+    if len > max_bytes {
+        return Err(PyValueError::new_err(format!(
+            "{len} bytes can never be sent: max_send_queue_bytes is {max_bytes}; send them in parts or \
+             raise max_send_queue_bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// A packet session's forms: a framed `SendBuffer`, or an id and a payload.
@@ -139,22 +199,14 @@ fn packet_from_args(
         }
         return Ok(buffer.bytes.clone());
     }
-    let Some(payload) = payload else {
-        return Err(PyTypeError::new_err(format!(
-            "expected a SendBuffer, or a packet id and a payload; got {} alone",
-            type_name(packet)
-        )));
-    };
+    let payload = payload.ok_or_else(|| alone(packet))?;
     encode(options::packet_id(packet)?, payload, max_packet_size)
 }
 
 /// A raw session's forms: bytes-like data, or a `SendBuffer`.
 fn raw_from_args(data: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Bytes> {
     if payload.is_some() || data.is_instance_of::<PyInt>() {
-        return Err(PyTypeError::new_err(
-            "a raw Session sends bytes as they are: send(data); subclass PacketSession to send \
-             (packet_id, payload) packets",
-        ));
+        return Err(raw_sends_bytes());
     }
     if let Ok(buffer) = data.cast::<PySendBuffer>() {
         return Ok(buffer.get().bytes.clone());

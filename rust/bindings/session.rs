@@ -16,10 +16,11 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 
-use super::send_buffer::bytes_from_args;
+use super::send_buffer::with_wire_parts;
 use crate::coalesce;
 use crate::config::Framing;
 use crate::reason::DisconnectReason;
+use crate::send_buffer::SendBufferPool;
 use crate::send_queue::Push;
 use crate::session::SessionHandle;
 
@@ -45,14 +46,14 @@ impl PySession {
         payload: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let handle = self.handle()?;
-        let bytes = bytes_from_args(
-            framing,
-            first,
-            payload,
-            handle.max_packet_size(),
-            handle.max_send_queue_bytes(),
-        )?;
-        Ok(coalesce::send(&handle, bytes) == Push::Queued)
+        let (max_packet, max_queue) = (handle.max_packet_size(), handle.max_send_queue_bytes());
+        let outcome = with_wire_parts(framing, first, payload, max_packet, max_queue, |parts, shared| {
+            coalesce::send_parts(&handle, parts, || match shared {
+                Some(bytes) => bytes.clone(),
+                None => SendBufferPool::global().copy_parts(parts),
+            })
+        })?;
+        Ok(outcome == Push::Queued)
     }
 
     pub fn session_id(&self) -> PyResult<u64> {

@@ -139,8 +139,8 @@ fn main() {
         };
         server.service().wait_events(Some(wait), &mut events);
         // As the Python dispatcher does: answers leave in one write per session.
-        let writes = WriteBatch::begin();
         let handled = events.len();
+        let writes = WriteBatch::begin(handled);
         for event in events.drain(..) {
             inbox.deliver(event, &mut app);
         }
