@@ -370,21 +370,29 @@ impl Dispatcher {
             self.shared.count_discarded(1);
             return Ok(());
         }
-        let mut unconsumed = self.lock_unconsumed().remove(&session).unwrap_or_default();
-        unconsumed.extend_from_slice(&data);
-        let shown = PyBytes::new(py, &unconsumed);
-        let consumed = callback::on_recv(object.bind(py), shown).and_then(|consumed| {
+        // What on_recv left last time, then the new bytes, in one `bytes`:
+        // copied once from the engine's buffers, and only the part left
+        // unconsumed again is kept.
+        let leftover = self.lock_unconsumed().remove(&session);
+        let shown = match &leftover {
+            None => PyBytes::new(py, &data),
+            Some(left) => PyBytes::new_with(py, left.len() + data.len(), |buf| {
+                buf[..left.len()].copy_from_slice(left);
+                buf[left.len()..].copy_from_slice(&data);
+                Ok(())
+            })?,
+        };
+        let total = shown.as_bytes().len();
+        let consumed = callback::on_recv(object.bind(py), shown.clone()).and_then(|consumed| {
             let consumed: usize = consumed.extract().map_err(|_| {
                 PyTypeError::new_err(format!(
-                    "on_recv must return how many bytes it consumed (0..{}), got {}",
-                    unconsumed.len(),
+                    "on_recv must return how many bytes it consumed (0..{total}), got {}",
                     consumed.repr().map(|r| r.to_string()).unwrap_or_default()
                 ))
             })?;
-            if consumed > unconsumed.len() {
+            if consumed > total {
                 return Err(PyValueError::new_err(format!(
-                    "on_recv returned {consumed}, but only {} bytes were given",
-                    unconsumed.len()
+                    "on_recv returned {consumed}, but only {total} bytes were given"
                 )));
             }
             Ok(consumed)
@@ -393,21 +401,21 @@ impl Dispatcher {
             Ok(consumed) => consumed,
             Err(error) => return self.check::<()>(py, Err(error), &handle, "on_recv"),
         };
-        let _ = unconsumed.split_to(consumed);
+        let left = total - consumed;
         let max = handle.max_packet_size();
-        if unconsumed.len() > max {
+        if left > max {
             log::warn!(
                 target: "servercore",
-                "session {} ({}): on_recv left {} bytes unconsumed, over max_packet_size {max}",
+                "session {} ({}): on_recv left {left} bytes unconsumed, over max_packet_size {max}",
                 handle.id(),
-                handle.peer(),
-                unconsumed.len()
+                handle.peer()
             );
             handle.close(DisconnectReason::PacketTooLarge);
             return Ok(());
         }
-        if !unconsumed.is_empty() && handle.delivers() {
-            self.lock_unconsumed().insert(session, unconsumed);
+        if left > 0 && handle.delivers() {
+            let rest = BytesMut::from(&shown.as_bytes()[consumed..]);
+            self.lock_unconsumed().insert(session, rest);
         }
         Ok(())
     }
