@@ -268,6 +268,9 @@ impl Reactors {
             reactor.mailbox.rings.begin_inline();
         }
         let mut loaded = false;
+        // The sockets were asked at least once in this wait: a wait whose
+        // deadline has passed (poll(0)) still reads what has arrived.
+        let mut looked = false;
         loop {
             let mut ready = 0;
             let now = Instant::now();
@@ -291,7 +294,8 @@ impl Reactors {
                 }
                 break;
             }
-            if !events.is_empty() || deadline.is_some_and(|d| now >= d) {
+            let passed = deadline.is_some_and(|d| now >= d);
+            if !events.is_empty() || (passed && looked) {
                 break;
             }
             // Nothing to do: wait for the sockets (at once if some are ready
@@ -302,6 +306,7 @@ impl Reactors {
                 (a, b) => a.or(b),
             };
             let timeout = until.map(|until| until.saturating_duration_since(now));
+            looked = true;
             if !events.begin_fd_wait() {
                 break;
             }

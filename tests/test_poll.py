@@ -21,6 +21,10 @@ from servercore import DisconnectReason, PacketSession
 
 from support import packet, poll_until
 
+# Every test here runs on both paths: the polling thread serving the sockets,
+# and the I/O threads alone (conftest.py).
+BOTH_IO_PATHS = True
+
 
 # --- callbacks run inside poll(), on its thread ----------------------------------
 
@@ -248,3 +252,38 @@ def test_a_long_poll_notices_ctrl_c_within_about_100_ms(start_server):
         signal.signal(signal.SIGINT, previous)
     assert interrupted_after is not None, "poll(20) returned without KeyboardInterrupt"
     assert interrupted_after < 1.5, f"poll(20) raised KeyboardInterrupt only after {interrupted_after:.2f}s"
+
+
+def test_a_server_polled_with_a_zero_timeout_answers_at_once(start_server, raw_peers):
+    """A game loop that calls poll(0) every frame: each poll reads what has
+    arrived, so an echo comes back within a millisecond or so, not at some
+    watchdog's period."""
+
+    class Echo(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            self.send(packet_id, payload)
+
+    server = start_server(Echo)
+    peer = raw_peers(server.port)
+    poll_until(server, lambda: len(server) == 1)
+    answered = threading.Event()
+    rtts: list[float] = []
+
+    def ask() -> None:
+        for i in range(40):
+            started = time.perf_counter()
+            peer.send(packet(1, i.to_bytes(4, "little")))
+            assert peer.recv_packet() == (1, i.to_bytes(4, "little"))
+            rtts.append(time.perf_counter() - started)
+            time.sleep(0.002)
+        answered.set()
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    deadline = time.monotonic() + 10
+    while not answered.is_set():
+        assert time.monotonic() < deadline, f"{len(rtts)} of 40 echoes in 10 s"
+        server.poll(0)
+    asker.join(5)
+    rtts.sort()
+    assert rtts[len(rtts) // 2] < 0.005, f"median echo {rtts[len(rtts) // 2] * 1000:.1f} ms; slowest {rtts[-1] * 1000:.1f} ms"
