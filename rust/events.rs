@@ -92,6 +92,18 @@ struct QueueState {
     interrupted: bool,
 }
 
+impl QueueState {
+    fn move_events(&mut self, out: &mut Vec<Event>) -> usize {
+        let moved = self.events.len();
+        if out.is_empty() {
+            std::mem::swap(&mut self.events, out);
+        } else {
+            out.append(&mut self.events);
+        }
+        moved
+    }
+}
+
 impl EventQueue {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
@@ -145,13 +157,7 @@ impl EventQueue {
         state.waiting = false;
         self.consumer_waiting.store(false, Ordering::Relaxed);
         state.interrupted = false;
-        let moved = state.events.len();
-        if out.is_empty() {
-            std::mem::swap(&mut state.events, out);
-        } else {
-            out.append(&mut state.events);
-        }
-        moved
+        state.move_events(out)
     }
 
     /// Ends the consumer's current (or next) wait even if nothing is queued.
@@ -197,6 +203,13 @@ impl EventQueue {
         self.consumer_waiting.store(false, Ordering::Relaxed);
         drop(state);
         self.wake.drain();
+    }
+
+    /// Moves whatever is queued to `out` without waiting; an interrupt stays
+    /// pending for the wait it is meant to end.
+    pub fn take(&self, out: &mut Vec<Event>) -> usize {
+        let mut state = self.lock();
+        state.move_events(out)
     }
 
     pub fn len(&self) -> usize {

@@ -42,7 +42,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -156,6 +156,9 @@ pub(crate) struct Reactors {
     inline: Mutex<Inline>,
     /// Whether the application thread may serve the reactors itself.
     inline_io: bool,
+    /// The service is shutting down: its tasks must be able to take their
+    /// reactors, so the application thread no longer serves them.
+    stopping: AtomicBool,
 }
 
 struct Inline {
@@ -207,7 +210,13 @@ impl Reactors {
         if inline_io {
             runtime.spawn(watchdog(reactors.clone()));
         }
-        Ok(Self { reactors, next: AtomicUsize::new(0), inline: Mutex::new(inline), inline_io })
+        Ok(Self {
+            reactors,
+            next: AtomicUsize::new(0),
+            inline: Mutex::new(inline),
+            inline_io,
+            stopping: AtomicBool::new(false),
+        })
     }
 
     /// The mailbox of the reactor that takes the next session.
@@ -222,10 +231,11 @@ impl Reactors {
     /// it waits on the queue for the I/O threads. The reactors it served stay
     /// unwatched by their tasks until [`release`](Self::release).
     pub(crate) fn wait(&self, events: &EventQueue, timeout: Option<Duration>, out: &mut Vec<Event>) -> usize {
-        if !self.inline_io {
+        if !self.inline_io || self.stopping.load(Ordering::SeqCst) {
             return events.wait(timeout, out);
         }
-        let taken = events.wait(Some(Duration::ZERO), out);
+        // Takes, not waits: a pending interrupt is for the wait below.
+        let taken = events.take(out);
         if taken > 0 {
             return taken;
         }
@@ -234,12 +244,21 @@ impl Reactors {
             Ok(mut inline) => self.serve_inline(&mut inline, events, deadline),
             Err(_) => true,
         };
-        let taken = events.wait(Some(Duration::ZERO), out);
+        let taken = events.take(out);
         if taken > 0 || !handed_back {
             return taken;
         }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         events.wait(left, out)
+    }
+
+    /// The service is shutting down: the application thread stops serving the
+    /// reactors (woken if it waits in them) and waits for the tasks from now
+    /// on, so that they can take their reactors and end their sessions.
+    pub(crate) fn stop_inline(&self, events: &EventQueue) {
+        self.stopping.store(true, Ordering::SeqCst);
+        events.interrupt();
+        self.release();
     }
 
     /// The application thread leaves for longer than a round of callbacks:
@@ -259,8 +278,14 @@ impl Reactors {
         for reactor in self.reactors.iter() {
             match reactor.try_core() {
                 Some(core) => cores.push(core),
-                // A task is serving: its events are on their way.
-                None => return true,
+                // A task is serving: its events are on their way. The others
+                // stay with their tasks too, so they must be watched again
+                // (a previous wait may have lent them).
+                None => {
+                    drop(cores);
+                    self.release();
+                    return true;
+                }
             }
         }
         for reactor in self.reactors.iter() {
@@ -272,6 +297,10 @@ impl Reactors {
         // deadline has passed (poll(0)) still reads what has arrived.
         let mut looked = false;
         loop {
+            // Shutdown: the tasks are to take their reactors and end their sessions.
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
             let mut ready = 0;
             let now = Instant::now();
             for (core, reactor) in cores.iter_mut().zip(self.reactors.iter()) {
@@ -716,10 +745,11 @@ impl Task {
                 // Disarmed meanwhile, the watch set reports nothing new: a
                 // readiness found here is an old one, and clearing it is enough.
                 reactor.watch.drain();
-                for _ in 0..4 {
-                    if self.register_readiness(cx) {
-                        break;
-                    }
+                let registered = (0..4).any(|_| self.register_readiness(cx));
+                if !registered {
+                    // Readiness kept coming: asked to run again rather than
+                    // left unregistered with the watch set.
+                    cx.waker().wake_by_ref();
                 }
                 *reactor.task_timer.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 match reactor.try_core() {

@@ -186,6 +186,9 @@ impl Service {
     /// linger and a second more. Idempotent.
     pub fn shutdown(&mut self, reason: DisconnectReason) {
         let Some(runtime) = self.runtime.take() else { return };
+        // The application thread may be serving a reactor in its wait (from
+        // another thread than this one): the tasks need their reactors back.
+        self.shared.reactors.stop_inline(&self.shared.context.events);
         if let Some(accept) = self.accept_task.take() {
             accept.abort();
         }

@@ -42,9 +42,28 @@ impl WakeFd {
         if !self.signalled.load(Ordering::Acquire) {
             return;
         }
-        let mut count: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a live u64; EAGAIN means no signal.
-        unsafe { libc::read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+        // The flag was set by exactly one signal, whose write may not have
+        // landed yet: it is waited for (a few instructions away, unless that
+        // thread was preempted). A drain that read nothing and cleared the flag
+        // would leave the descriptor readable with the flag clear, and every
+        // level-triggered wait after would return at once.
+        loop {
+            let mut count: u64 = 0;
+            // SAFETY: reads at most 8 bytes into a live u64; EAGAIN means no signal yet.
+            let read = unsafe { libc::read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+            if read == 8 {
+                break;
+            }
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                io::ErrorKind::Interrupted => {}
+                _ => {
+                    log::error!(target: "servercore", "wake descriptor: read failed: {error}");
+                    break;
+                }
+            }
+        }
         // Cleared only after the read: a signal that found it set and skipped
         // its write came before this, and so before the caller's look.
         self.signalled.store(false, Ordering::Release);
@@ -76,5 +95,30 @@ mod tests {
         assert!(readable(&fd));
         fd.drain();
         assert!(!readable(&fd), "two signals, one drain");
+    }
+
+    /// A drain that comes between a signal's flag and its write (the signaller
+    /// preempted there) must not leave the descriptor readable with the flag
+    /// clear: every later drain would skip it and every level-triggered wait
+    /// would return at once.
+    #[test]
+    fn a_drain_between_a_signals_flag_and_its_write_takes_the_write() {
+        let fd = std::sync::Arc::new(WakeFd::new().unwrap());
+        // The first half of `signal`: the flag...
+        assert!(!fd.signalled.swap(true, Ordering::AcqRel));
+        let late_write = {
+            let fd = fd.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                // ...and, late, the second half: the write.
+                let one: u64 = 1;
+                // SAFETY: writes 8 bytes from a live u64.
+                unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            })
+        };
+        fd.drain();
+        late_write.join().unwrap();
+        fd.drain();
+        assert!(!readable(&fd), "the late write was left for nobody to drain");
     }
 }

@@ -457,3 +457,102 @@ impl<F: FnMut()> Drop for Defer<F> {
         (self.0)();
     }
 }
+
+// The application thread serving the reactors inline while it waits
+// (rust/reactor.rs): a game loop's poll(0) and a stop from another thread.
+
+fn listen_with_io_threads(io_threads: usize) -> Server {
+    let config = ServiceConfig { io_threads, ..ServiceConfig::default() };
+    Server::listen(config, "127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+#[test]
+fn a_consumer_polling_with_a_zero_timeout_gets_its_packets() {
+    for io_threads in [1, 2] {
+        let server = listen_with_io_threads(io_threads);
+        let shared = server.service().shared().clone();
+        let mut peer = connect(server.local_addr());
+        let mut events = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !events.iter().any(|e| matches!(e, Event::Connected { .. })) && Instant::now() < deadline {
+            shared.wait_events_in_poll(Some(Duration::from_millis(10)), &mut events);
+        }
+        events.clear();
+        peer.write_all(&packet(1, b"ping")).unwrap();
+        let started = Instant::now();
+        let mut got = false;
+        // A game loop: poll(0), then a millisecond of game logic, more often
+        // than the I/O threads' watchdog (25 ms) would take the sockets back.
+        while !got && started.elapsed() < Duration::from_secs(2) {
+            shared.wait_events_in_poll(Some(Duration::ZERO), &mut events);
+            got = events.iter().any(|e| matches!(e, Event::Packets { .. }));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(got, "{io_threads} I/O threads: no packet after {:?} of poll(0)", started.elapsed());
+    }
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_consumer_that_waits_without_a_timeout() {
+    for io_threads in [1, 2] {
+        let mut server = listen_with_io_threads(io_threads);
+        let shared = server.service().shared().clone();
+        let waiting = Arc::new(AtomicBool::new(false));
+        let consumer = {
+            let (shared, waiting) = (shared.clone(), waiting.clone());
+            std::thread::spawn(move || {
+                let mut events = Vec::new();
+                waiting.store(true, Ordering::SeqCst);
+                shared.wait_events(None, &mut events);
+            })
+        };
+        // Whatever the assertions say, the consumer is let go and joined.
+        let _release = Defer(|| shared.interrupt_wait());
+        while !waiting.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        server.service_mut().shutdown(DisconnectReason::ServerShutdown);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(500), "{io_threads} I/O threads: shutdown took {took:?}");
+        let back = Instant::now() + Duration::from_secs(1);
+        while !consumer.is_finished() && Instant::now() < back {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            consumer.is_finished(),
+            "{io_threads} I/O threads: the consumer's wait did not end at shutdown"
+        );
+        consumer.join().unwrap();
+    }
+}
+
+#[test]
+fn shutdown_is_not_held_up_by_a_consumer_in_an_idle_inline_wait() {
+    let mut worst = Duration::ZERO;
+    for round in 0..10 {
+        let mut server = listen_with_io_threads(1 + round % 2);
+        let shared = server.service().shared().clone();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut events = Vec::new();
+                // The bindings' run loop waits in slices of this length.
+                while !stop.load(Ordering::SeqCst) {
+                    shared.wait_events_in_poll(Some(Duration::from_millis(100)), &mut events);
+                    events.clear();
+                }
+            });
+            let _stop = Defer(|| {
+                stop.store(true, Ordering::SeqCst);
+                shared.interrupt_wait();
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            let started = Instant::now();
+            server.service_mut().shutdown(DisconnectReason::ServerShutdown);
+            worst = worst.max(started.elapsed());
+        });
+    }
+    assert!(worst < Duration::from_millis(20), "an idle shutdown took up to {worst:?}");
+}
