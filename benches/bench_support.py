@@ -117,6 +117,20 @@ class Hub:
         self.waiter: asyncio.Future[None] | None = None
         self.target = 0
 
+    def close(self, loop: asyncio.AbstractEventLoop, server: asyncio.Server | None) -> None:
+        """Aborts the sessions, closes `server` (if it was started) and `loop`."""
+        for p in list(self.protocols):
+            p.transport.abort()
+        if server is not None:
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    async def accepted(self, count: int) -> None:
+        """Returns once `count` sessions were accepted."""
+        while len(self.protocols) < count:
+            await asyncio.sleep(0.001)
+
 
 class LoopThread:
     """An asyncio (or uvloop) server whose loop runs forever in a thread of its

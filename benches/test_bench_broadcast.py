@@ -100,7 +100,7 @@ def asyncio_peers(request: pytest.FixtureRequest) -> Iterator[tuple[asyncio.Abst
         port = server.sockets[0].getsockname()[1]
         # The kernel completes the handshakes into the backlog; the loop accepts them below.
         sockets = connect_clients(port, PEERS)
-        loop.run_until_complete(asyncio.wait_for(_all_accepted(hub), DEADLINE))
+        loop.run_until_complete(asyncio.wait_for(hub.accepted(PEERS), DEADLINE))
         drainer = Drainer(sockets)
         yield loop, hub, drainer
     finally:
@@ -108,17 +108,7 @@ def asyncio_peers(request: pytest.FixtureRequest) -> Iterator[tuple[asyncio.Abst
             drainer.close()
         for sock in sockets:
             sock.close()
-        for p in list(hub.protocols):
-            p.transport.abort()
-        if server is not None:
-            server.close()
-            loop.run_until_complete(server.wait_closed())
-        loop.close()
-
-
-async def _all_accepted(hub: Hub) -> None:
-    while len(hub.protocols) < PEERS:
-        await asyncio.sleep(0.001)
+        hub.close(loop, server)
 
 
 @pytest.mark.benchmark(group=GROUP)

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,22 +255,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def thread_cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
-    """Per thread of `pid`: (name, ns on a CPU so far), from /proc/<pid>/task/<tid>/schedstat
-    (its first field, ns resolution). Threads that end between listing and reading are left out."""
-    out: dict[int, tuple[str, int]] = {}
+def _per_thread(pid: int, read: Callable[[str], tuple]) -> dict[int, tuple]:
+    """`read(task_dir)` for every thread of `pid`; threads that end between
+    listing and reading (or whose files do not parse) are left out."""
+    out: dict[int, tuple] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
         try:
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            out[int(tid)] = read(f"/proc/{pid}/task/{tid}")
         except (OSError, ValueError, IndexError):
             continue
-        out[int(tid)] = (name, ns)
     return out
+
+
+def thread_cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
+    """Per thread of `pid`: (name, ns on a CPU so far), from /proc/<pid>/task/<tid>/schedstat
+    (its first field, ns resolution)."""
+    def read(task: str) -> tuple[str, int]:
+        return Path(f"{task}/comm").read_text().strip(), int(Path(f"{task}/schedstat").read_text().split()[0])
+    return _per_thread(pid, read)
 
 
 def thread_cpu_per_second(pid: int, before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
@@ -293,20 +300,11 @@ def machine_cpu_ticks() -> tuple[int, int]:
 
 def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
     """Per thread of `pid`: (name, utime, stime) in clock ticks, from /proc/<pid>/task/<tid>/stat."""
-    out: dict[int, tuple[str, int, int]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
+    def read(task: str) -> tuple[str, int, int]:
+        text = Path(f"{task}/stat").read_text()
         fields = text[text.rindex(")") + 2 :].split()
-        out[int(tid)] = (name, int(fields[11]), int(fields[12]))
-    return out
+        return text[text.index("(") + 1 : text.rindex(")")], int(fields[11]), int(fields[12])
+    return _per_thread(pid, read)
 
 
 def thread_user_system(pid: int, before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]],

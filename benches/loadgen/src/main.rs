@@ -432,6 +432,26 @@ fn micros(ns: u64) -> f64 {
     (ns as f64 / 1000.0 * 10.0).round() / 10.0
 }
 
+/// `"rtt_us":{...}` for the report line, from round-trip times sorted in ns.
+fn rtt_us_json(sorted: &[u64]) -> String {
+    format!(
+        "\"rtt_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}}",
+        micros(percentile(sorted, 0.50)),
+        micros(percentile(sorted, 0.99)),
+        micros(percentile(sorted, 0.999)),
+        micros(sorted.last().copied().unwrap_or(0)),
+    )
+}
+
+/// `"errors":N` (and the first one) for the report line; the first ten go to stderr.
+fn errors_json(label: &str, errors: &[String]) -> String {
+    for e in errors.iter().take(10) {
+        eprintln!("loadgen {label}: {e}");
+    }
+    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
+    format!("\"errors\":{}{first}", errors.len())
+}
+
 // ---------------------------------------------------------------- broadcast
 
 async fn broadcast(args: BroadcastArgs) -> i32 {
@@ -517,13 +537,9 @@ async fn broadcast_run(args: BroadcastArgs) -> Result<i32, String> {
     let seconds = finished.iter().max().map_or(0.0, |last| last.duration_since(started).as_secs_f64());
     let total = args.clients as u64 * u64::from(args.packets);
     let received: u64 = progress.iter().map(|p| u64::from(p.load(Ordering::Relaxed))).sum();
-    for e in errors.iter().take(10) {
-        eprintln!("loadgen {}: {e}", args.label);
-    }
     let rate = if seconds > 0.0 && errors.is_empty() { total as f64 / seconds } else { 0.0 };
-    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
     println!(
-        "{{\"workload\":{},\"clients\":{},\"packets_per_client\":{},\"size\":{},\"total_packets\":{},\"received_packets\":{},\"seconds\":{:.6},\"packets_per_sec\":{:.1},\"errors\":{}{}}}",
+        "{{\"workload\":{},\"clients\":{},\"packets_per_client\":{},\"size\":{},\"total_packets\":{},\"received_packets\":{},\"seconds\":{:.6},\"packets_per_sec\":{:.1},{}}}",
         json_str(&args.label),
         args.clients,
         args.packets,
@@ -532,8 +548,7 @@ async fn broadcast_run(args: BroadcastArgs) -> Result<i32, String> {
         received,
         seconds,
         rate,
-        errors.len(),
-        first
+        errors_json(&args.label, &errors),
     );
     Ok(if errors.is_empty() { 0 } else { 1 })
 }
@@ -622,13 +637,9 @@ async fn echo_run(
     }
     let (rtts, seconds, errors) = collect_rtts(tasks, started, timeout, clients * count as usize).await;
     let round_trips = rtts.len() as u64;
-    for e in errors.iter().take(10) {
-        eprintln!("loadgen {label}: {e}");
-    }
     let rate = if seconds > 0.0 && errors.is_empty() { round_trips as f64 / seconds } else { 0.0 };
-    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
     println!(
-        "{{\"workload\":{},\"clients\":{},\"inflight\":{},\"count_per_client\":{},\"size\":{},\"round_trips\":{},\"seconds\":{:.6},\"round_trips_per_sec\":{:.1},\"rtt_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"errors\":{}{}}}",
+        "{{\"workload\":{},\"clients\":{},\"inflight\":{},\"count_per_client\":{},\"size\":{},\"round_trips\":{},\"seconds\":{:.6},\"round_trips_per_sec\":{:.1},{},{}}}",
         json_str(label),
         clients,
         inflight,
@@ -637,12 +648,8 @@ async fn echo_run(
         round_trips,
         seconds,
         rate,
-        micros(percentile(&rtts, 0.50)),
-        micros(percentile(&rtts, 0.99)),
-        micros(percentile(&rtts, 0.999)),
-        micros(rtts.last().copied().unwrap_or(0)),
-        errors.len(),
-        first
+        rtt_us_json(&rtts),
+        errors_json(label, &errors),
     );
     Ok(if errors.is_empty() { 0 } else { 1 })
 }
@@ -1387,14 +1394,10 @@ async fn raw_echo_run(args: RawEchoArgs) -> Result<i32, String> {
     }
     let (rtts, seconds, errors) = collect_rtts(tasks, started, timeout, clients * count as usize).await;
     let messages = rtts.len() as u64;
-    for e in errors.iter().take(10) {
-        eprintln!("loadgen {label}: {e}");
-    }
     let ok = seconds > 0.0 && errors.is_empty();
     let rate = if ok { messages as f64 / seconds } else { 0.0 };
-    let first = errors.first().map(|e| format!(",\"first_error\":{}", json_str(e))).unwrap_or_default();
     println!(
-        "{{\"workload\":{},\"clients\":{},\"inflight\":{},\"count_per_client\":{},\"size\":{},\"messages\":{},\"bytes\":{},\"ready_seconds\":{:.6},\"seconds\":{:.6},\"messages_per_sec\":{:.1},\"mbytes_per_sec\":{:.2},\"rtt_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"errors\":{}{}}}",
+        "{{\"workload\":{},\"clients\":{},\"inflight\":{},\"count_per_client\":{},\"size\":{},\"messages\":{},\"bytes\":{},\"ready_seconds\":{:.6},\"seconds\":{:.6},\"messages_per_sec\":{:.1},\"mbytes_per_sec\":{:.2},{},{}}}",
         json_str(&label),
         clients,
         inflight,
@@ -1406,12 +1409,8 @@ async fn raw_echo_run(args: RawEchoArgs) -> Result<i32, String> {
         seconds,
         rate,
         if ok { (messages * size as u64) as f64 / seconds / 1e6 } else { 0.0 },
-        micros(percentile(&rtts, 0.50)),
-        micros(percentile(&rtts, 0.99)),
-        micros(percentile(&rtts, 0.999)),
-        micros(rtts.last().copied().unwrap_or(0)),
-        errors.len(),
-        first
+        rtt_us_json(&rtts),
+        errors_json(&label, &errors),
     );
     Ok(if errors.is_empty() { 0 } else { 1 })
 }
