@@ -113,6 +113,33 @@ impl ServiceShared {
         self.reactors.release();
     }
 
+    /// For a consumer woken through [`wake_fd`](Self::wake_fd) by an event
+    /// loop of its own (asyncio's `add_reader`) rather than blocked in
+    /// [`wait_events`](Self::wait_events): it never serves the reactors inline,
+    /// so the I/O threads watch every socket. Returns false, without starting
+    /// the wait, if there is something to take already: take it now.
+    pub fn begin_fd_wait(&self) -> bool {
+        self.reactors.release();
+        self.context.events.begin_fd_wait()
+    }
+
+    /// The descriptor woke the consumer (or it stops waiting): its signals are taken.
+    pub fn end_fd_wait(&self) {
+        self.context.events.end_fd_wait();
+    }
+
+    /// Moves what is queued to `out` without waiting (and without serving
+    /// the reactors inline); returns how many events.
+    pub fn take_events(&self, out: &mut Vec<Event>) -> usize {
+        self.context.events.take(out)
+    }
+
+    /// The descriptor that becomes readable when a consumer in
+    /// [`begin_fd_wait`](Self::begin_fd_wait) has events to take.
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.context.events.wake_fd()
+    }
+
     /// Ends the application's current (or next) wait for events at once.
     pub fn interrupt_wait(&self) {
         self.context.events.interrupt();

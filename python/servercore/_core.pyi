@@ -1,6 +1,6 @@
 """The native engine of servercore (Rust, tokio, PyO3). Import from `servercore`."""
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from types import TracebackType
 from typing import Any, Final, TypedDict, TypeVar, final, overload, type_check_only
 
@@ -78,8 +78,10 @@ class Session:
         Idempotent: returns whether this call started the close.
         `on_disconnected` follows exactly once, after the socket is closed.
         """
-    def on_connected(self) -> None:
-        """First callback of every session."""
+    def on_connected(self) -> Awaitable[None] | None:
+        """First callback of every session. It may be `async def` under an
+        asyncio loop: the session then receives broadcasts, and its packets,
+        once it has finished."""
     def on_recv(self, data: bytes) -> int:
         """Every unconsumed byte so far; return how many you consumed (0..len(data)).
 
@@ -88,12 +90,14 @@ class Session:
         may be longer than `max_packet_size`; but more than `max_packet_size`
         left unconsumed disconnects the session with PACKET_TOO_LARGE.
         """
-    def on_send(self, nbytes: int) -> None:
+    def on_send(self, nbytes: int) -> Awaitable[None] | None:
         """A write handed `nbytes` to the kernel. Delivered only if the session
         class overrides it when the Server or Client is created; the sum of
         every `nbytes` is what the kernel took (`stats()["bytes_out"]`)."""
-    def on_disconnected(self, reason: DisconnectReason) -> None:
-        """Last callback of every session, exactly once, after the socket closed."""
+    def on_disconnected(self, reason: DisconnectReason) -> Awaitable[None] | None:
+        """Last callback of every session, exactly once, after the socket closed
+        and after every async callback of the session has finished. An async
+        one is awaited when the service stops (never cancelled)."""
 
 class PacketSession(Session):
     """A session that speaks `[size u16][id u16][payload]` packets.
@@ -118,8 +122,14 @@ class PacketSession(Session):
         packet over `max_packet_size`, TypeError for a payload that is not
         bytes-like or a `SendBuffer.raw`.
         """
-    def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
-        """One whole packet, in arrival order; payload excludes the header."""
+    def on_recv_packet(self, packet_id: int, payload: bytes) -> Awaitable[None] | None:
+        """One whole packet, in arrival order; payload excludes the header.
+
+        It may be `async def` under an asyncio loop (`serve_forever()`, `async
+        with`): the session's next packet is handled after this one's handler
+        has finished; meanwhile its packets wait in the engine (up to
+        `max_pending_recv_bytes`, then TCP slows that peer), and other sessions
+        go on."""
 
 @final
 class SendBuffer:
@@ -199,6 +209,22 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+    async def serve_forever(self) -> None:
+        """Serve on the running asyncio loop until `stop()` (starting first if
+        needed). Callbacks run on the loop's thread, woken through a file
+        descriptor, and may be `async def`. Cancelling it stops the service:
+        running async callbacks are cancelled (on_disconnected ones awaited),
+        every `on_disconnected` is delivered, then the cancellation goes on.
+        A service is driven by an asyncio loop or by `poll()`, not both."""
+    async def __aenter__(self: _S) -> _S:
+        """Start (if needed) and drive the service on the running loop."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """Stop, as cancelling `serve_forever()` does, without blocking the loop."""
 
 @type_check_only
 class SessionOptions(TypedDict, total=False):

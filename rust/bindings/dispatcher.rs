@@ -5,6 +5,16 @@
 //! from `Connected` to `Disconnected`. Its lock is only held to look an object
 //! up, never while Python runs, so callbacks may freely use `server.sessions`,
 //! `send`, `broadcast`, `disconnect` and `stop`.
+//!
+//! An `async def` callback returns a coroutine. Under an asyncio loop the
+//! dispatcher hands it to the loop's driver (`servercore/_aio.py`) as a task
+//! and the session waits for it: its later events are parked, in order, and
+//! delivered when the task has finished (`resume`), so packet n+1's handler
+//! starts after packet n's has ended and `on_disconnected` comes last. Parked
+//! packets still weigh on the session's reader backlog: past
+//! `max_pending_recv_bytes` the reader stops and TCP slows that peer alone.
+//! Under `poll()` there is no loop to run it: the coroutine is closed and
+//! the session ends with CALLBACK_ERROR.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -23,6 +33,7 @@ use super::logging;
 use super::session_class::{SessionClass, callback};
 use crate::coalesce::WriteBatch;
 use crate::events::Event;
+use crate::frame::PacketRun;
 use crate::inbox::Inbox;
 use crate::reason::DisconnectReason;
 use crate::service::ServiceShared;
@@ -56,6 +67,19 @@ struct Current {
 }
 
 impl Run {
+    /// The undelivered rest of the current run's packet event, to be delivered
+    /// later: it stays owed to the reader's backlog until then (its later
+    /// delivery books it again). `None` if nothing is left.
+    fn give_back(&mut self, rest: PacketRun) -> Option<PacketRun> {
+        if rest.is_empty() {
+            return None;
+        }
+        let received = &mut self.current.as_mut().expect("a packet run is being delivered").received;
+        received.0 -= rest.byte_len();
+        received.1 -= 1;
+        Some(rest)
+    }
+
     /// Ends the run: what it delivered no longer holds the session's reader back.
     fn end(&mut self) {
         if let Some(current) = self.current.take() {
@@ -67,12 +91,39 @@ impl Run {
     }
 }
 
+/// A session whose async callback is running: its later events wait here.
+struct Awaiting {
+    handle: Arc<SessionHandle>,
+    parked: VecDeque<Event>,
+    /// `on_connected` is the callback: the session is announced (receives
+    /// broadcasts) once it has finished.
+    announce: bool,
+}
+
 /// Events taken from the engine and not yet delivered. A Ctrl-C in the middle
 /// of a batch leaves the rest here for the next `poll`.
 #[derive(Default)]
 pub struct Delivery {
     pending: VecDeque<Event>,
     incoming: Vec<Event>,
+    /// Sessions waiting for an async callback (only ever under asyncio).
+    awaiting: FxHashMap<SessionId, Awaiting>,
+}
+
+impl Delivery {
+    /// Whether some session still waits for an async callback to finish.
+    pub fn awaits_callbacks(&self) -> bool {
+        !self.awaiting.is_empty()
+    }
+}
+
+/// One delivery's state: the session run, what is left to deliver, and who
+/// runs async callbacks (the asyncio driver; none under `poll()`).
+struct Turn<'a, 'py> {
+    run: Run,
+    pending: &'a mut VecDeque<Event>,
+    awaiting: &'a mut FxHashMap<SessionId, Awaiting>,
+    runner: Option<&'a Bound<'py, PyAny>>,
 }
 
 impl Delivery {
@@ -157,19 +208,63 @@ impl Dispatcher {
         if delivery.pending.is_empty() {
             self.wait(py, delivery, timeout, give_up)?;
         }
-        self.deliver_pending(py, delivery)
+        self.deliver_pending(py, delivery, None)
+    }
+
+    /// Delivers what is pending and what the engine holds now, without
+    /// waiting (and without serving the reactors): an asyncio loop's turn.
+    pub fn deliver_ready(
+        &self,
+        py: Python<'_>,
+        delivery: &mut Delivery,
+        runner: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        self.shared.take_events(&mut delivery.incoming);
+        delivery.take_incoming();
+        self.deliver_pending(py, delivery, Some(runner))
+    }
+
+    /// An async callback of `session` has ended (`error`: what it raised, if
+    /// anything): its session's parked events are delivered, up to the next
+    /// async callback.
+    pub fn resume(
+        &self,
+        py: Python<'_>,
+        delivery: &mut Delivery,
+        runner: &Bound<'_, PyAny>,
+        session: SessionId,
+        callback: &str,
+        error: Option<PyErr>,
+    ) -> PyResult<usize> {
+        let Some(awaiting) = delivery.awaiting.remove(&session) else { return Ok(0) };
+        if let Some(error) = error {
+            self.check::<()>(py, Err(error), &awaiting.handle, callback)?;
+        }
+        if awaiting.announce {
+            SessionInbox::announce(&awaiting.handle);
+        }
+        // Older than anything still pending for this session.
+        for event in awaiting.parked.into_iter().rev() {
+            delivery.pending.push_front(event);
+        }
+        self.deliver_pending(py, delivery, Some(runner))
     }
 
     /// Delivers everything the engine holds, without waiting.
-    pub fn drain(&self, py: Python<'_>, delivery: &mut Delivery) -> PyResult<usize> {
+    pub fn drain(
+        &self,
+        py: Python<'_>,
+        delivery: &mut Delivery,
+        runner: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
         let mut total = 0;
         loop {
-            self.shared.wait_events_in_poll(Some(Duration::ZERO), &mut delivery.incoming);
+            self.shared.take_events(&mut delivery.incoming);
             delivery.take_incoming();
             if delivery.pending.is_empty() {
                 return Ok(total);
             }
-            total += self.deliver_pending(py, delivery)?;
+            total += self.deliver_pending(py, delivery, runner)?;
         }
     }
 
@@ -201,7 +296,12 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn deliver_pending(&self, py: Python<'_>, delivery: &mut Delivery) -> PyResult<usize> {
+    fn deliver_pending(
+        &self,
+        py: Python<'_>,
+        delivery: &mut Delivery,
+        runner: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
         logging::flush(py)?;
         // Answers given by these callbacks leave in one write per session (or,
         // in a batch of a few packets, each at once).
@@ -210,25 +310,30 @@ impl Dispatcher {
             _ => 1,
         });
         let writes = WriteBatch::begin(packets.sum());
-        let mut run = Run::default();
+        let mut turn = Turn {
+            run: Run::default(),
+            pending: &mut delivery.pending,
+            awaiting: &mut delivery.awaiting,
+            runner,
+        };
         let (mut delivered, mut flushed_at) = (0, 0);
-        while let Some(event) = delivery.pending.pop_front() {
+        while let Some(event) = turn.pending.pop_front() {
             // What poll() reports: one per connect, packet, write, disconnect.
             delivered += match &event {
                 Event::Packets { packets, .. } => packets.len(),
                 _ => 1,
             };
-            if let Err(error) = self.deliver(py, event, &mut run, &mut delivery.pending) {
-                run.end();
+            if let Err(error) = self.deliver(py, event, &mut turn) {
+                turn.run.end();
                 return Err(error);
             }
             if delivered - flushed_at >= WRITE_BATCH_EVENTS {
-                run.end();
+                turn.run.end();
                 writes.flush(delivered - flushed_at);
                 flushed_at = delivered;
             }
         }
-        run.end();
+        turn.run.end();
         // A batch that needed an intermediate flush was not light, whatever its tail.
         writes.flush(if flushed_at > 0 { WRITE_BATCH_EVENTS } else { delivered });
         drop(writes);
@@ -240,20 +345,19 @@ impl Dispatcher {
     /// (KeyboardInterrupt, SystemExit) comes back as an error: it stops `poll`.
     /// An error in the middle of a packet run puts the rest of the run back
     /// at the front of `pending`, for the next `poll`.
-    fn deliver(
-        &self,
-        py: Python<'_>,
-        event: Event,
-        run: &mut Run,
-        pending: &mut VecDeque<Event>,
-    ) -> PyResult<()> {
+    fn deliver(&self, py: Python<'_>, event: Event, turn: &mut Turn<'_, '_>) -> PyResult<()> {
+        if let Some(awaiting) = turn.awaiting.get_mut(&event.session_id()) {
+            // Its async callback is still running: this waits its turn.
+            awaiting.parked.push_back(event);
+            return Ok(());
+        }
         match event {
             Event::Connected { session } => {
-                run.end();
-                self.connected(py, session)
+                turn.run.end();
+                self.connected(py, session, turn)
             }
             Event::Packets { session, packets } => {
-                let Some(current) = self.receiving(py, run, session, packets.byte_len()) else {
+                let Some(current) = self.receiving(py, &mut turn.run, session, packets.byte_len()) else {
                     self.lock_inbox().discard(packets.len() as u64, packets.byte_len(), 1);
                     return Ok(());
                 };
@@ -266,60 +370,138 @@ impl Dispatcher {
                         self.shared.count_discarded((packets.len() - delivered) as u64);
                         break;
                     }
-                    let result = callback::on_recv_packet(object, packet_id, PyBytes::new(py, payload));
-                    if let Err(error) = self.check(py, result, &handle, "on_recv_packet") {
-                        let rest = packets.skip(delivered + 1);
-                        if !rest.is_empty() {
-                            // Still owed to the reader's backlog: the requeued
-                            // rest releases itself (and the event) when delivered.
-                            let received = &mut run.current.as_mut().expect("entered").received;
-                            received.0 -= rest.byte_len();
-                            received.1 -= 1;
-                            pending.push_front(Event::Packets { session, packets: rest });
+                    let returned =
+                        match callback::on_recv_packet(object, packet_id, PyBytes::new(py, payload)) {
+                            Ok(returned) => returned,
+                            Err(error) => {
+                                // Only a KeyboardInterrupt or SystemExit comes back from
+                                // `check`; the rest of the run is then for the next poll.
+                                let result = self.check::<()>(py, Err(error), &handle, "on_recv_packet");
+                                if result.is_err() {
+                                    if let Some(rest) = turn.run.give_back(packets.skip(delivered + 1)) {
+                                        turn.pending.push_front(Event::Packets { session, packets: rest });
+                                    }
+                                }
+                                return result;
+                            }
+                        };
+                    if let Some(coroutine) = callback::awaitable(returned) {
+                        if self.spawn(py, turn, coroutine, &handle, "on_recv_packet", false)? {
+                            // The rest of the read waits for this packet's handler.
+                            if let Some(rest) = turn.run.give_back(packets.skip(delivered + 1)) {
+                                let awaiting = turn.awaiting.get_mut(&session).expect("just spawned");
+                                awaiting.parked.push_back(Event::Packets { session, packets: rest });
+                            }
+                            return Ok(());
                         }
-                        return Err(error);
                     }
                 }
                 Ok(())
             }
-            Event::Received { session, data } => self.received(py, run, session, data),
+            Event::Received { session, data } => self.received(py, &mut turn.run, session, data),
             Event::Sent { session, nbytes } => {
                 // Reported for every write, also after a local close: the sum
                 // of on_send is what the kernel took.
-                let Some(Current { object: Some(object), handle, .. }) = self.enter(py, run, session) else {
+                let Some(Current { object: Some(object), handle, .. }) =
+                    self.enter(py, &mut turn.run, session)
+                else {
                     return Ok(());
                 };
                 let (object, handle) = (object.clone_ref(py), handle.clone());
-                let result = callback::on_send(object.bind(py), nbytes);
-                self.check(py, result, &handle, "on_send")
+                match callback::on_send(object.bind(py), nbytes) {
+                    Ok(returned) => self.await_if_async(py, turn, returned, &handle, "on_send"),
+                    Err(error) => self.check::<()>(py, Err(error), &handle, "on_send"),
+                }
             }
             Event::Disconnected { session, reason } => {
-                run.end();
+                turn.run.end();
                 self.lock_unconsumed().remove(&session);
                 let known = self.lock_inbox().remove(session);
                 let Some(known) = known else { return Ok(()) };
                 let Some(object) = known.state else { return Ok(()) };
                 let reason = self.reason(py, reason)?;
-                let result = callback::on_disconnected(object.bind(py), reason);
-                self.check(py, result, &known.handle, "on_disconnected")
+                match callback::on_disconnected(object.bind(py), reason) {
+                    // Nothing comes after it; the driver awaits its task at shutdown.
+                    Ok(returned) => self.await_if_async(py, turn, returned, &known.handle, "on_disconnected"),
+                    Err(error) => self.check::<()>(py, Err(error), &known.handle, "on_disconnected"),
+                }
             }
+        }
+    }
+
+    /// What a callback returned: a coroutine is spawned (and its session
+    /// waits for it), anything else is ignored.
+    fn await_if_async(
+        &self,
+        py: Python<'_>,
+        turn: &mut Turn<'_, '_>,
+        returned: Bound<'_, PyAny>,
+        handle: &Arc<SessionHandle>,
+        callback: &str,
+    ) -> PyResult<()> {
+        match callback::awaitable(returned) {
+            Some(coroutine) => self.spawn(py, turn, coroutine, handle, callback, false).map(drop),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands an async callback's coroutine to the asyncio driver as a task;
+    /// its session waits for it (see the module docs). Returns whether it
+    /// was spawned: under `poll()` there is no loop, and the session ends
+    /// with CALLBACK_ERROR.
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        turn: &mut Turn<'_, '_>,
+        coroutine: Bound<'_, PyAny>,
+        handle: &Arc<SessionHandle>,
+        callback: &str,
+        announce: bool,
+    ) -> PyResult<bool> {
+        let spawned = match turn.runner {
+            Some(runner) => runner.call_method1(intern!(py, "_spawn"), (&coroutine, handle.id().0, callback)),
+            None => {
+                // Never to be awaited: closed, so that Python does not warn about it too.
+                let _ = coroutine.call_method0(intern!(py, "close"));
+                Err(PyTypeError::new_err(format!(
+                    "{callback} returned a coroutine: async callbacks run only while an asyncio loop \
+                     drives the service (await server.serve_forever(), or async with), not under poll()"
+                )))
+            }
+        };
+        match spawned {
+            Ok(_) => {
+                let awaiting = Awaiting { handle: handle.clone(), parked: VecDeque::new(), announce };
+                turn.awaiting.insert(handle.id(), awaiting);
+                Ok(true)
+            }
+            Err(error) => self.check::<()>(py, Err(error), handle, callback).map(|()| false),
         }
     }
 
     /// `Connected`: the session object is made and its `on_connected` runs;
     /// only then does the session receive broadcasts, so whatever
-    /// `on_connected` sent comes first. A session that closed before this
-    /// look is never announced.
-    fn connected(&self, py: Python<'_>, session: SessionId) -> PyResult<()> {
+    /// `on_connected` sent comes first (an async one's: once it has finished).
+    /// A session that closed before this look is never announced.
+    fn connected(&self, py: Python<'_>, session: SessionId, turn: &mut Turn<'_, '_>) -> PyResult<()> {
         let Some(handle) = self.lock_inbox().connected(session) else { return Ok(()) };
         let created = self.class.instantiate(py).inspect(|object| object.get().attach(handle.clone()));
         let object = created.as_ref().ok().map(|object| object.clone().into_any().unbind());
         self.lock_inbox().admit(handle.clone(), object);
         let outcome = match created {
-            Ok(object) => {
-                let result = callback::on_connected(object.as_any());
-                self.check(py, result, &handle, "on_connected")
-            }
+            Ok(object) => match callback::on_connected(object.as_any()) {
+                Ok(returned) => match callback::awaitable(returned) {
+                    Some(coroutine) => {
+                        if self.spawn(py, turn, coroutine, &handle, "on_connected", true)? {
+                            // Announced by `resume`, once it has finished.
+                            return Ok(());
+                        }
+                        Ok(())
+                    }
+                    None => Ok(()),
+                },
+                Err(error) => self.check::<()>(py, Err(error), &handle, "on_connected"),
+            },
             Err(error) => self.check::<()>(py, Err(error), &handle, "__init__"),
         };
         SessionInbox::announce(&handle);

@@ -14,6 +14,13 @@
 //! - by the next `poll()` of the polling thread, if it is between polls when
 //!   another thread calls `stop()`; `running` stays True until then.
 //!
+//! A service is driven either by `poll()` / `run_forever()` (blocking) or by
+//! an asyncio loop (`serve_forever()`, `async with`; `servercore/_aio.py`),
+//! never both: the first to drive it claims it. Under asyncio the loop's thread
+//! is the polling thread; it is woken through the engine's wake descriptor
+//! (`loop.add_reader`), and a `stop()` on it does not block the loop: the
+//! engine shuts down on a thread of its own and the loop delivers the rest.
+//!
 //! A service collected while it runs warns (ResourceWarning) and shuts its
 //! engine down on a thread of its own, never blocking with the GIL held.
 
@@ -24,6 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::ThreadId;
 
 use pyo3::exceptions::{PyOSError, PyResourceWarning, PyRuntimeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
@@ -69,6 +77,66 @@ enum Phase {
     Finished = 4,
 }
 
+/// Where a service is in its life, shared with a thread that stops its engine.
+struct Lifecycle {
+    phase: AtomicU8,
+    /// Signalled when the phase moves on: a second `stop()` waits for the first.
+    changed: (Mutex<()>, Condvar),
+}
+
+impl Lifecycle {
+    fn new() -> Self {
+        Self { phase: AtomicU8::new(Phase::New as u8), changed: (Mutex::new(()), Condvar::new()) }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::New,
+            1 => Phase::Running,
+            2 => Phase::Stopping,
+            3 => Phase::Stopped,
+            _ => Phase::Finished,
+        }
+    }
+
+    /// Moves the phase forward to `phase` (never back) and wakes who waits for it.
+    fn advance(&self, phase: Phase) {
+        let (lock, changed) = &self.changed;
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.phase.fetch_max(phase as u8, Ordering::AcqRel);
+        changed.notify_all();
+    }
+
+    fn wait_for(&self, phase: Phase) {
+        let (lock, changed) = &self.changed;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.phase() < phase {
+            guard = changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// What drives a service's callbacks; claimed once, for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Driver {
+    Unclaimed = 0,
+    /// `poll()` and `run_forever()`.
+    Blocking = 1,
+    /// An asyncio loop: `serve_forever()`, `async with`.
+    Asyncio = 2,
+}
+
+/// Shuts `engine` down (sessions flush and close, every `Disconnected` is
+/// queued), then moves the service to `Stopped` and wakes its poll.
+fn stop_engine(mut engine: Engine, reason: DisconnectReason, lifecycle: &Lifecycle, shared: &ServiceShared) {
+    engine.service_mut().shutdown(reason);
+    drop(engine);
+    lifecycle.advance(Phase::Stopped);
+    // A poll waiting on another thread (or an asyncio loop) looks up and delivers the rest.
+    shared.interrupt_wait();
+}
+
 /// What exists once the service has started.
 struct Started {
     shared: Arc<ServiceShared>,
@@ -84,12 +152,14 @@ pub struct PyService {
     address: (String, u16),
     started: OnceLock<Started>,
     engine: Mutex<Option<Engine>>,
-    phase: AtomicU8,
-    /// Signalled when the phase moves on: a second `stop()` waits for the first.
-    phase_changed: (Mutex<()>, Condvar),
-    /// The thread that last entered `poll()` or `run_forever()`.
+    lifecycle: Arc<Lifecycle>,
+    driver: AtomicU8,
+    /// The thread that last entered `poll()` or `run_forever()` (or delivered
+    /// for an asyncio loop).
     poller: Mutex<Option<ThreadId>>,
     stop_reason: DisconnectReason,
+    /// The asyncio driver (`servercore/_aio.py`) while an event loop drives the service.
+    aio_driver: Mutex<Option<Py<PyAny>>>,
 }
 
 impl PyService {
@@ -110,40 +180,55 @@ impl PyService {
             address: (host, port),
             started: OnceLock::new(),
             engine: Mutex::new(None),
-            phase: AtomicU8::new(Phase::New as u8),
-            phase_changed: (Mutex::new(()), Condvar::new()),
+            lifecycle: Arc::new(Lifecycle::new()),
+            driver: AtomicU8::new(Driver::Unclaimed as u8),
             poller: Mutex::new(None),
             stop_reason: match role {
                 Role::Server => DisconnectReason::ServerShutdown,
                 Role::Client => DisconnectReason::ClosedLocally,
             },
+            aio_driver: Mutex::new(None),
         })
     }
 
     fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Acquire) {
-            0 => Phase::New,
-            1 => Phase::Running,
-            2 => Phase::Stopping,
-            3 => Phase::Stopped,
-            _ => Phase::Finished,
-        }
+        self.lifecycle.phase()
     }
 
-    /// Moves the phase forward to `phase` (never back) and wakes who waits for it.
     fn advance(&self, phase: Phase) {
-        let (lock, changed) = &self.phase_changed;
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.phase.fetch_max(phase as u8, Ordering::AcqRel);
-        changed.notify_all();
+        self.lifecycle.advance(phase);
     }
 
-    fn wait_for_phase(&self, phase: Phase) {
-        let (lock, changed) = &self.phase_changed;
-        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while self.phase() < phase {
-            guard = changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+    /// Claims the service for `driver`, or says why it cannot be.
+    fn claim(&self, driver: Driver) -> PyResult<()> {
+        let claimed = self.driver.compare_exchange(
+            Driver::Unclaimed as u8,
+            driver as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        match claimed {
+            Ok(_) => Ok(()),
+            Err(held) if held == driver as u8 => Ok(()),
+            Err(_) => Err(PyRuntimeError::new_err(match driver {
+                Driver::Blocking => {
+                    "this service is driven by an asyncio loop (serve_forever() or async with): \
+                     poll() and run_forever() cannot drive it too"
+                }
+                _ => {
+                    "this service is driven by poll() or run_forever(): an asyncio loop \
+                     (serve_forever() or async with) cannot drive it too; use a new service"
+                }
+            })),
         }
+    }
+
+    fn driven_by(&self, driver: Driver) -> bool {
+        self.driver.load(Ordering::Acquire) == driver as u8
+    }
+
+    fn on_polling_thread(&self) -> bool {
+        *self.poller.lock().unwrap_or_else(|e| e.into_inner()) == Some(std::thread::current().id())
     }
 
     fn started(&self) -> PyResult<&Started> {
@@ -166,7 +251,7 @@ impl PyService {
         py: Python<'_>,
         start: impl FnOnce(ServiceConfig, SocketAddr) -> Result<Engine, (std::io::Error, String)> + Send,
     ) -> PyResult<()> {
-        let claimed = self.phase.compare_exchange(
+        let claimed = self.lifecycle.phase.compare_exchange(
             Phase::New as u8,
             Phase::Running as u8,
             Ordering::AcqRel,
@@ -180,7 +265,7 @@ impl PyService {
         }
         let started = self.start_engine(py, start);
         if started.is_err() {
-            self.phase.store(Phase::New as u8, Ordering::Release);
+            self.lifecycle.phase.store(Phase::New as u8, Ordering::Release);
         }
         started
     }
@@ -207,35 +292,80 @@ impl PyService {
         Ok(())
     }
 
+    /// Under asyncio: once the engine is down, delivers the rest; whether the
+    /// service is finished.
+    fn finish_if_stopped(
+        &self,
+        py: Python<'_>,
+        started: &Started,
+        delivery: &mut Delivery,
+        driver: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        if self.phase() >= Phase::Stopped {
+            self.finish(py, started, delivery, Some(driver))?;
+        }
+        logging::flush(py)?;
+        Ok(self.phase() == Phase::Finished)
+    }
+
     /// This thread polls: callbacks belong to it from now on.
     fn note_poller(&self) {
         *self.poller.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current().id());
     }
 
-    /// Delivers what is left once the engine is down; the service is finished.
-    fn finish(&self, py: Python<'_>, started: &Started, delivery: &mut Delivery) -> PyResult<usize> {
-        let delivered = started.dispatcher.drain(py, delivery)?;
-        self.advance(Phase::Finished);
+    /// Delivers what is left once the engine is down; the service is
+    /// finished, unless async callbacks still run (under asyncio): the last
+    /// events of their sessions wait for them.
+    fn finish(
+        &self,
+        py: Python<'_>,
+        started: &Started,
+        delivery: &mut Delivery,
+        runner: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let delivered = started.dispatcher.drain(py, delivery, runner)?;
+        if !delivery.awaits_callbacks() {
+            self.advance(Phase::Finished);
+        }
         Ok(delivered)
+    }
+
+    /// The engine, for the `stop()` that takes it; `None` once taken.
+    fn take_engine(&self, py: Python<'_>) -> Option<Engine> {
+        let engine = py.detach(|| self.engine.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if engine.is_some() {
+            self.advance(Phase::Stopping);
+        }
+        engine
     }
 
     /// Shuts the engine down (or waits for the `stop()` that is doing it):
     /// sessions flush and close, and every `Disconnected` is queued.
     fn shut_down_engine(&self, py: Python<'_>, started: &Started) {
-        let engine = py.detach(|| self.engine.lock().unwrap_or_else(|e| e.into_inner()).take());
-        let Some(mut engine) = engine else {
-            py.detach(|| self.wait_for_phase(Phase::Stopped));
-            return;
-        };
-        self.advance(Phase::Stopping);
-        let reason = self.stop_reason;
-        py.detach(|| {
-            engine.service_mut().shutdown(reason);
-            drop(engine);
-        });
-        self.advance(Phase::Stopped);
-        // A poll waiting on another thread looks up and delivers the rest.
-        started.shared.interrupt_wait();
+        match self.take_engine(py) {
+            Some(engine) => {
+                py.detach(|| stop_engine(engine, self.stop_reason, &self.lifecycle, &started.shared))
+            }
+            None => py.detach(|| self.lifecycle.wait_for(Phase::Stopped)),
+        }
+    }
+
+    /// `stop()` on an asyncio loop's thread: the engine shuts down on a thread
+    /// of its own while the loop goes on delivering; the loop finishes once it
+    /// is down. Blocking here would stall every other task for the linger.
+    fn shut_down_engine_in_background(&self, py: Python<'_>, started: &Started) {
+        let Some(engine) = self.take_engine(py) else { return };
+        let (reason, lifecycle, shared) = (self.stop_reason, self.lifecycle.clone(), started.shared.clone());
+        let stopper = std::thread::Builder::new()
+            .name("servercore-stop".into())
+            .spawn(move || stop_engine(engine, reason, &lifecycle, &shared));
+        if let Err(error) = stopper {
+            // The closure, and the engine in it, were dropped: the engine's
+            // own drop shut it down, here.
+            log::error!(target: "servercore", "no thread to stop the engine on ({error}); stopped in place");
+            self.advance(Phase::Stopped);
+            started.shared.interrupt_wait();
+        }
     }
 
     /// After the engine is down: the `on_disconnected` calls left are
@@ -246,7 +376,7 @@ impl PyService {
         match started.dispatcher.try_begin_delivery() {
             Some(mut delivery) => {
                 if poller.is_none_or(|poller| poller == me) {
-                    self.finish(py, started, &mut delivery)?;
+                    self.finish(py, started, &mut delivery, None)?;
                 }
             }
             // Called from a callback: the poll that runs it delivers the rest.
@@ -266,17 +396,18 @@ impl PyService {
     fn poll(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
         let timeout = options::optional_seconds("timeout", timeout, limits::WAIT)?;
         let started = self.started()?;
+        self.claim(Driver::Blocking)?;
         let mut delivery = started.dispatcher.begin_delivery()?;
         self.note_poller();
         if self.phase() >= Phase::Stopped {
             // Nothing more can happen: whatever is left is delivered, no waiting.
-            return self.finish(py, started, &mut delivery);
+            return self.finish(py, started, &mut delivery, None);
         }
         let stopped = || self.phase() >= Phase::Stopped;
         let delivered = started.dispatcher.poll(py, &mut delivery, timeout, stopped)?;
         if stopped() {
             // stop() was called meanwhile (a callback, another thread): the rest now.
-            return Ok(delivered + self.finish(py, started, &mut delivery)?);
+            return Ok(delivered + self.finish(py, started, &mut delivery, None)?);
         }
         Ok(delivered)
     }
@@ -285,6 +416,7 @@ impl PyService {
     /// delivers every `on_disconnected` and returns.
     fn run_forever(&self, py: Python<'_>) -> PyResult<()> {
         let started = self.started()?;
+        self.claim(Driver::Blocking)?;
         let mut delivery = started.dispatcher.begin_delivery()?;
         self.note_poller();
         let stopped = || self.phase() >= Phase::Stopped;
@@ -292,7 +424,7 @@ impl PyService {
             started.dispatcher.poll(py, &mut delivery, None, stopped)?;
             py.check_signals()?;
         }
-        self.finish(py, started, &mut delivery).map(drop)
+        self.finish(py, started, &mut delivery, None).map(drop)
     }
 
     /// Stops: no new sessions; every session is closed (flushing what was queued,
@@ -304,8 +436,99 @@ impl PyService {
             self.advance(Phase::Finished);
             return Ok(());
         };
+        if self.driven_by(Driver::Asyncio) && self.on_polling_thread() {
+            self.shut_down_engine_in_background(py, started);
+            return logging::flush(py);
+        }
         self.shut_down_engine(py, started);
         self.deliver_the_rest(py, started)
+    }
+
+    /// Serves until `stop()` (from a callback, a task or another thread), on
+    /// the running asyncio loop: a coroutine. Cancelling it stops the service
+    /// and delivers every `on_disconnected` before the cancellation goes on.
+    fn serve_forever<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        aio(slf.py())?.call_method1(intern!(slf.py(), "serve_forever"), (slf,))
+    }
+
+    fn __aenter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let needs_start = slf.get().phase() == Phase::New;
+        aio(slf.py())?.call_method1(intern!(slf.py(), "enter"), (slf, needs_start))
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __aexit__<'py>(
+        slf: &Bound<'py, Self>,
+        _exc: &Bound<'py, pyo3::types::PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        aio(slf.py())?.call_method1(intern!(slf.py(), "exit"), (slf,))
+    }
+
+    /// For the asyncio driver: the descriptor the loop watches; claims the
+    /// service for asyncio.
+    fn _aio_fileno(&self) -> PyResult<i32> {
+        let started = self.started()?;
+        self.claim(Driver::Asyncio)?;
+        Ok(started.shared.wake_fd())
+    }
+
+    /// For the asyncio driver, before the loop goes back to waiting: false if
+    /// there is something to deliver already (deliver now, not on the descriptor).
+    fn _aio_arm(&self) -> PyResult<bool> {
+        let started = self.started()?;
+        self.claim(Driver::Asyncio)?;
+        self.note_poller();
+        if self.phase() >= Phase::Stopped {
+            return Ok(false);
+        }
+        Ok(started.shared.begin_fd_wait())
+    }
+
+    /// For the asyncio driver (`driver`, which runs async callbacks), when the
+    /// descriptor is readable: delivers what is there. Returns True once
+    /// everything is delivered for good (the service is finished).
+    fn _aio_deliver(&self, py: Python<'_>, driver: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let started = self.started()?;
+        self.claim(Driver::Asyncio)?;
+        let mut delivery = started.dispatcher.begin_delivery()?;
+        self.note_poller();
+        started.shared.end_fd_wait();
+        if self.phase() < Phase::Stopped {
+            started.dispatcher.deliver_ready(py, &mut delivery, driver)?;
+        }
+        self.finish_if_stopped(py, started, &mut delivery, driver)
+    }
+
+    /// For the asyncio driver: an async callback of session `session_id` has
+    /// ended, having raised `error` (None: returned, or was cancelled). Its
+    /// session's waiting events are delivered. Returns True once the service
+    /// is finished.
+    #[pyo3(signature = (driver, session_id, callback, error=None))]
+    fn _aio_resume(
+        &self,
+        py: Python<'_>,
+        driver: &Bound<'_, PyAny>,
+        session_id: u64,
+        callback: &str,
+        error: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let started = self.started()?;
+        let mut delivery = started.dispatcher.begin_delivery()?;
+        let error = error.map(PyErr::from_value);
+        started.dispatcher.resume(py, &mut delivery, driver, SessionId(session_id), callback, error)?;
+        self.finish_if_stopped(py, started, &mut delivery, driver)
+    }
+
+    /// The asyncio driver attached to this service, if any.
+    #[getter(_aio_driver)]
+    fn aio_driver(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.aio_driver.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|d| d.clone_ref(py))
+    }
+
+    #[setter(_aio_driver)]
+    fn set_aio_driver(&self, driver: Option<Py<PyAny>>) {
+        let old = std::mem::replace(&mut *self.aio_driver.lock().unwrap_or_else(|e| e.into_inner()), driver);
+        drop(old);
     }
 
     /// Queues one packet on every connected session: `broadcast(packet_id,
@@ -379,6 +602,9 @@ impl PyService {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(self.class.cls())?;
+        if let Ok(driver) = self.aio_driver.try_lock() {
+            visit.call(&*driver)?;
+        }
         match self.started.get() {
             Some(started) => started.dispatcher.traverse(&visit),
             None => Ok(()),
@@ -386,6 +612,7 @@ impl PyService {
     }
 
     fn __clear__(&self) {
+        drop(self.aio_driver.lock().unwrap_or_else(|e| e.into_inner()).take());
         if let Some(started) = self.started.get() {
             drop(started.dispatcher.forget_sessions());
         }
@@ -553,6 +780,11 @@ impl PyClient {
             if base.running() { "running" } else { "stopped" }
         )
     }
+}
+
+/// The asyncio side of a service, written in Python: `servercore/_aio.py`.
+fn aio(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    py.import(intern!(py, "servercore._aio"))
 }
 
 fn os_error(error: &std::io::Error, context: &str) -> PyErr {

@@ -70,21 +70,23 @@ impl SessionClass {
     }
 }
 
-/// The callbacks, by name, called on the session object.
+/// The callbacks, by name, called on the session object. Each returns what
+/// the callback returned: an `async def` callback's coroutine is run by the
+/// asyncio driver.
 pub mod callback {
     use pyo3::intern;
     use pyo3::prelude::*;
 
-    pub fn on_connected(session: &Bound<'_, PyAny>) -> PyResult<()> {
-        session.call_method0(intern!(session.py(), "on_connected")).map(drop)
+    pub fn on_connected<'py>(session: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        session.call_method0(intern!(session.py(), "on_connected"))
     }
 
     pub fn on_recv_packet<'py>(
         session: &Bound<'py, PyAny>,
         packet_id: u16,
         payload: Bound<'py, pyo3::types::PyBytes>,
-    ) -> PyResult<()> {
-        session.call_method1(intern!(session.py(), "on_recv_packet"), (packet_id, payload)).map(drop)
+    ) -> PyResult<Bound<'py, PyAny>> {
+        session.call_method1(intern!(session.py(), "on_recv_packet"), (packet_id, payload))
     }
 
     pub fn on_recv<'py>(
@@ -94,11 +96,26 @@ pub mod callback {
         session.call_method1(intern!(session.py(), "on_recv"), (data,))
     }
 
-    pub fn on_send(session: &Bound<'_, PyAny>, nbytes: usize) -> PyResult<()> {
-        session.call_method1(intern!(session.py(), "on_send"), (nbytes,)).map(drop)
+    pub fn on_send<'py>(session: &Bound<'py, PyAny>, nbytes: usize) -> PyResult<Bound<'py, PyAny>> {
+        session.call_method1(intern!(session.py(), "on_send"), (nbytes,))
     }
 
-    pub fn on_disconnected<'py>(session: &Bound<'py, PyAny>, reason: Bound<'py, PyAny>) -> PyResult<()> {
-        session.call_method1(intern!(session.py(), "on_disconnected"), (reason,)).map(drop)
+    pub fn on_disconnected<'py>(
+        session: &Bound<'py, PyAny>,
+        reason: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        session.call_method1(intern!(session.py(), "on_disconnected"), (reason,))
+    }
+
+    /// The coroutine a callback returned, if it is an `async def` one; `None`
+    /// (the common case, one comparison) for a plain callback's `None`.
+    pub fn awaitable<'py>(returned: Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+        if returned.is_none() {
+            return None;
+        }
+        // SAFETY: a type check on a live object.
+        let coroutine = unsafe { pyo3::ffi::PyCoro_CheckExact(returned.as_ptr()) } != 0;
+        (coroutine || returned.hasattr(intern!(returned.py(), "__await__")).unwrap_or(false))
+            .then_some(returned)
     }
 }
