@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from servercore import Client, Server, Session
+from aio_support import LOOP_KINDS, Run, runner
 from support import RawPeer
 
 
@@ -83,3 +84,10 @@ def raw_peers() -> Iterator[Callable[..., RawPeer]]:
     yield connect
     for peer in peers:
         peer.close()
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def run(request: pytest.FixtureRequest) -> Run:
+    """`run(main)` runs the coroutine function `main` on a fresh event loop,
+    once on asyncio's own and once on uvloop (see aio_support.runner)."""
+    return runner(request.param)

@@ -3,7 +3,10 @@
 Subclass :class:`PacketSession`, override its callbacks, and hand the class to a
 :class:`Server` (or a :class:`Client` for load tests). Sockets, framing, send
 queues and broadcast run in Rust on tokio; callbacks run on the thread that
-calls ``poll()`` or ``run_forever()``.
+calls ``poll()`` or ``run_forever()``, or on the running asyncio loop under
+``async with server: await server.serve_forever()``, where callbacks may be
+``async def``. ``await connect(host, port)`` gives one awaitable connection,
+for bots and tests (and ``servercore.testing`` fixtures for pytest).
 
     from servercore import PacketSession, Server
 
@@ -28,17 +31,21 @@ from servercore._core import (
     Session,
     __version__,
 )
+from servercore._connection import Connection, Disconnected, connect
 from servercore._reason import DisconnectReason
 
 __all__ = [
     "HEADER_SIZE",
     "MAX_PACKET_SIZE",
     "Client",
+    "Connection",
     "DisconnectReason",
+    "Disconnected",
     "PacketSession",
     "SendBuffer",
     "Server",
     "Service",
     "Session",
     "__version__",
+    "connect",
 ]
