@@ -59,3 +59,52 @@ def test_the_raw_echo_server_echoes_bytes_as_they_are():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "echoed b'hello'" in result.stdout, result.stdout
+
+
+LOBBY_PEER = '''
+async def main() -> None:
+    async with Server(Lobby, "127.0.0.1", 0) as server:
+        serving = asyncio.create_task(server.serve_forever())
+        conns = [await servercore.connect("127.0.0.1", server.port) for _ in range(3)]
+        for n, conn in enumerate(conns):
+            conn.send(1, b"player%d" % n)
+        for n, conn in enumerate(conns):
+            print(await conn.recv(timeout=5))
+        for conn in conns:
+            await conn.close()
+        serving.cancel()
+        try:
+            await serving
+        except asyncio.CancelledError:
+            print("cancelled; running:", server.running)
+'''
+
+
+def test_the_asyncio_example_serves_async_handlers():
+    example = re.search(r"any\nof them may be `async def`:\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert example, "the README lost its asyncio example"
+    code = example.group(1)
+    assert "async def main() -> None:\n" in code and "await server.serve_forever()" in code
+    code = "import servercore\n" + code.replace(code[code.index("async def main"):code.index("asyncio.run(main())")], LOBBY_PEER)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "(1, b'profile of player0')",
+        "(1, b'profile of player1')",
+        "(1, b'profile of player2')",
+        "cancelled; running: False",
+    ], result.stdout
+
+
+def test_the_example_test_of_the_pytest_plugin_passes(tmp_path: Path):
+    """The plugin is found through its entry point, as in a user's project."""
+    example = re.search(r"`expect_disconnect\(\)`\. Everything is stopped when the test ends:\n\n```python\n(.*?)```",
+                        README.read_text(), re.S)
+    assert example, "the README lost its pytest plugin example"
+    (tmp_path / "test_example.py").write_text(example.group(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout, result.stdout
