@@ -26,12 +26,13 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from aio_support import Peer, Run, peers, until
 from servercore import Client, DisconnectReason, PacketSession, Server
-from support import SEQ, packet
+from support import SEQ, RawPeer, connect, packet, poll_until
 
 def numbered(n: int, packet_id: int = 1) -> bytes:
     return packet(packet_id, SEQ.pack(n))
@@ -495,3 +496,29 @@ def test_handlers_run_in_the_context_of_the_task_that_serves(run: Run) -> None:
 
     run(main)
     assert seen == ["shard-7", "shard-7"]
+
+
+def test_under_poll_an_async_callback_is_a_callback_error_that_says_why(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    ended: list[DisconnectReason] = []
+
+    class AsyncOnly(PacketSession):
+        async def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+            raise AssertionError("never runs: there is no loop")
+
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            ended.append(reason)
+
+    server = start_server(AsyncOnly)
+    (peer,) = connect(server, raw_peers)
+    with caplog.at_level(logging.INFO, logger="servercore"):
+        peer.send(numbered(0))
+        poll_until(server, lambda: ended, message="the session was not closed")
+    assert ended == [DisconnectReason.CALLBACK_ERROR]
+    assert peer.wait_closed(2)
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert record.exc_info is not None and record.exc_info[0] is TypeError
+    assert "async callbacks run only while an asyncio loop drives the service" in str(record.exc_info[1])
+    # No "coroutine was never awaited" warning: the engine closed it.
+    assert not [r for r in caplog.records if "never awaited" in r.getMessage()]

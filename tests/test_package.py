@@ -56,3 +56,60 @@ def test_the_package_type_checks_strictly_against_its_stub():
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+USER_CODE = '''
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import servercore
+from servercore import Connection, DisconnectReason, Disconnected, PacketSession, Server
+from servercore.testing import TestClient
+
+
+class Lobby(PacketSession):
+    async def on_connected(self) -> None:
+        await asyncio.sleep(0)
+
+    async def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+        self.send(packet_id, payload)
+
+    def on_disconnected(self, reason: DisconnectReason) -> None:
+        pass
+
+
+async def bot(port: int) -> bytes:
+    conn: Connection = await servercore.connect("127.0.0.1", port, connect_timeout=2.0)
+    async with conn:
+        conn.send(1, b"hi")
+        try:
+            packet_id, payload = await conn.recv(timeout=5)
+        except Disconnected as ended:
+            return ended.reason.name.encode()
+        async for other_id, other in conn:
+            print(other_id, other)
+        return await conn.expect_packet(packet_id, timeout=1.0) + payload
+
+
+async def main() -> None:
+    async with Server(Lobby, "127.0.0.1", 0, max_pending_recv_bytes=65536) as server:
+        await asyncio.gather(server.serve_forever(), bot(server.port))
+
+
+def test_lobby(servercore_server: Callable[..., Server], servercore_client: Callable[..., TestClient]) -> None:
+    client = servercore_client(servercore_server(Lobby))
+    client.send(1, b"x")
+    assert client.expect_packet(1) == b"x"
+    assert client.expect_disconnect(timeout=0.1) is DisconnectReason.CLOSED_BY_PEER
+'''
+
+
+def test_user_code_with_async_callbacks_connect_and_the_fixtures_type_checks_strictly(tmp_path: Path):
+    (tmp_path / "user_code.py").write_text(USER_CODE)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(tmp_path / "user_code.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -19,13 +19,16 @@ from typing import Any
 
 from .common import EPOLL, FLOOR, LOADGEN, REPO, SERVERS_DIR, BenchError
 
-ALL_SERVERS = ["servercore", "asyncio", "uvloop", "floor", "epoll"]
+ALL_SERVERS = ["servercore", "servercore-uvloop", "asyncio", "uvloop", "floor", "epoll"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def server_argv(server: str, mode: str) -> list[str]:
     if server == "servercore":
         return [sys.executable, str(SERVERS_DIR / "servercore_server.py"), "--port", "0", "--mode", mode]
+    if server == "servercore-uvloop":  # the same server, driven by serve_forever() on uvloop
+        return [sys.executable, str(SERVERS_DIR / "servercore_server.py"), "--port", "0", "--mode", mode,
+                "--loop", "uvloop"]
     if server == "asyncio":
         return [sys.executable, str(SERVERS_DIR / "asyncio_server.py"), "--port", "0", "--mode", mode]
     if server == "uvloop":

@@ -230,6 +230,9 @@ def targets(all_records: dict[str, list[dict[str, Any]]]) -> list[str]:
         sc, uv = m("E1", "servercore", "round_trips_per_sec"), m("E1", "uvloop", "round_trips_per_sec")
         rows.append(("E1 ≥ 10 × uvloop", ratio(sc, uv), 10.0, True))
         rows.append(("E1 max RTT < 1 s (µs)", m("E1", "servercore", "rtt_us.max"), 1e6, False))
+        if m("E1", "servercore-uvloop", "round_trips_per_sec") is not None:
+            rows.append(("E1 through serve_forever() on uvloop ≥ 8 × uvloop",
+                         ratio(m("E1", "servercore-uvloop", "round_trips_per_sec"), uv), 8.0, True))
     if "L1" in all_records:
         rows.append(("L1 p50 ≤ 0.8 × uvloop's (ratio)", vs("L1", "rtt_us.p50", "uvloop"), 0.8, False))
         rows.append(("L1 p99 ≤ 0.8 × uvloop's (ratio)", vs("L1", "rtt_us.p99", "uvloop"), 0.8, False))

@@ -24,12 +24,12 @@ ALL_WORKLOADS = ["B1", "E1", "L1", "R1", "R1RAW", "RAW", "M1", "HELLO", "DISPATC
 # epoll (epoll_floor.rs) has only the broadcast, hello and idle modes.
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "B1": ("servercore", "asyncio", "uvloop", "floor", "epoll"),
-    "E1": ("servercore", "asyncio", "uvloop", "floor"),
-    "L1": ("servercore", "asyncio", "uvloop", "floor"),
-    "R1": ("servercore", "asyncio", "uvloop", "floor"),
-    "R1RAW": ("servercore", "asyncio", "uvloop", "floor"),
-    "RAW": ("servercore", "asyncio", "uvloop", "floor"),
-    "M1": ("servercore", "asyncio", "uvloop", "floor", "epoll"),
+    "E1": ("servercore", "servercore-uvloop", "asyncio", "uvloop", "floor"),
+    "L1": ("servercore", "servercore-uvloop", "asyncio", "uvloop", "floor"),
+    "R1": ("servercore", "servercore-uvloop", "asyncio", "uvloop", "floor"),
+    "R1RAW": ("servercore", "servercore-uvloop", "asyncio", "uvloop", "floor"),
+    "RAW": ("servercore", "servercore-uvloop", "asyncio", "uvloop", "floor"),
+    "M1": ("servercore", "servercore-uvloop", "asyncio", "uvloop", "floor", "epoll"),
     "HELLO": ("servercore", "asyncio", "uvloop", "floor", "epoll"),
     "DISPATCH": ("servercore",),
 }

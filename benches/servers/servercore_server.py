@@ -11,6 +11,10 @@ Modes (every mode also answers the 0xFFF1 "how many sessions" query):
   raw-echo   a raw Session: on_recv sends the bytes back as they are and
              consumes them all (no framing, so no 0xFFF1 query either)
 
+With `--loop asyncio` or `--loop uvloop` (echo, raw-echo and idle modes), the
+server is driven by `async with server: await server.serve_forever()` on that
+event loop instead of poll(), with the same session classes.
+
 Prints "listening <port>" when ready. On SIGTERM/SIGINT it prints its
 stats() as one JSON line on stderr and exits.
 """
@@ -18,6 +22,7 @@ stats() as one JSON line on stderr and exits.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import resource
@@ -92,8 +97,12 @@ def main() -> int:
     parser.add_argument("--max-sessions", type=int, default=20_000)
     parser.add_argument("--hello-hz", type=float, default=1 / HELLO_PERIOD,
                         help="hello mode: Hello World broadcasts per second (the lecture's 4)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default=None,
+                        help="drive the server with serve_forever() on this event loop (echo, raw-echo, idle)")
     parser.add_argument("--poll-every", type=int, default=64, help="broadcasts between two poll(0) calls")
     args = parser.parse_args()
+    if args.loop and args.mode not in ("echo", "raw-echo", "idle"):
+        parser.error(f"--loop serves the echo, raw-echo and idle modes, not {args.mode}")
 
     raise_nofile()
 
@@ -111,6 +120,8 @@ def main() -> int:
         inline_io=not args.no_inline_io,
         max_sessions=args.max_sessions,
     )
+    if args.loop:
+        return serve_on_loop(args.loop)
     server.start()
     print(f"listening {server.port}", flush=True)
     hello = SendBuffer(ID_BROADCAST, b"Hello World".ljust(1000, b"\0"))
@@ -136,14 +147,38 @@ def main() -> int:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        try:
-            stats = server.stats()
-            print("stats " + json.dumps(stats, default=str), file=sys.stderr, flush=True)
-        except Exception as error:  # noqa: BLE001 - a report, never a failure
-            print(f"stats unavailable: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # The measurement is over; closing 10k sessions politely measures nothing.
-        os._exit(0)
+        report_and_exit()
+
+
+def report_and_exit() -> None:
+    try:
+        stats = server.stats()
+        print("stats " + json.dumps(stats, default=str), file=sys.stderr, flush=True)
+    except Exception as error:  # noqa: BLE001 - a report, never a failure
+        print(f"stats unavailable: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # The measurement is over; closing 10k sessions politely measures nothing.
+    os._exit(0)
+
+
+def serve_on_loop(loop: str) -> int:
+    async def serve() -> None:
+        async with server:
+            print(f"listening {server.port}", flush=True)
+            await server.serve_forever()
+
+    try:
+        if loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve())
+        else:
+            asyncio.run(serve())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        report_and_exit()
+    return 0
 
 
 if __name__ == "__main__":
