@@ -159,6 +159,13 @@ pub(crate) struct Reactors {
     /// The service is shutting down: its tasks must be able to take their
     /// reactors, so the application thread no longer serves them.
     stopping: AtomicBool,
+    /// The set the application thread waits on while it serves the reactors:
+    /// a lone reactor's own set, else the inline set over theirs; either holds
+    /// the wake descriptor too.
+    app_fd: RawFd,
+    /// The last inline wait handed the reactors back lent, not loaded: their
+    /// sockets are the application thread's to watch (see [`Reactors::app_fd`]).
+    lent: AtomicBool,
 }
 
 struct Inline {
@@ -187,6 +194,7 @@ impl Reactors {
             watch_level_triggered(&inline.poll, wake_fd, WAKE_TOKEN)?;
         }
         let mut reactors = Vec::with_capacity(count);
+        let mut app_fd = inline.poll.as_raw_fd();
         for index in 0..count {
             let mailbox = Arc::new(Mailbox::new(registry.clone(), RingList::new(app_wake.clone())));
             let core = Core::new(context.clone(), registry.clone())?;
@@ -199,6 +207,7 @@ impl Reactors {
                 )?;
             } else {
                 watch_level_triggered(&core.poll, wake_fd, WAKE_TOKEN)?;
+                app_fd = epoll_fd;
             }
             let watch = WatchSet::new(epoll_fd)?;
             let reactor =
@@ -216,6 +225,8 @@ impl Reactors {
             inline: Mutex::new(inline),
             inline_io,
             stopping: AtomicBool::new(false),
+            app_fd,
+            lent: AtomicBool::new(false),
         })
     }
 
@@ -244,12 +255,26 @@ impl Reactors {
             Ok(mut inline) => self.serve_inline(&mut inline, events, deadline),
             Err(_) => true,
         };
+        self.lent.store(!handed_back, Ordering::SeqCst);
         let taken = events.take(out);
         if taken > 0 || !handed_back {
             return taken;
         }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         events.wait(left, out)
+    }
+
+    /// For an application thread that waits in an event loop of its own
+    /// rather than in [`wait`](Self::wait): the descriptor to watch for as long
+    /// as the reactors are lent to it, so that a ready socket wakes it, not an
+    /// I/O thread. It is readable when one of their sockets is ready or the
+    /// wake descriptor is signalled; the thread then serves them with a `wait`
+    /// whose timeout is zero. None when the I/O threads serve the sockets (the
+    /// thread then watches the wake descriptor alone).
+    pub(crate) fn app_fd(&self) -> Option<RawFd> {
+        let lent =
+            self.inline_io && self.lent.load(Ordering::SeqCst) && !self.stopping.load(Ordering::SeqCst);
+        lent.then_some(self.app_fd)
     }
 
     /// The service is shutting down: the application thread stops serving the
@@ -264,6 +289,7 @@ impl Reactors {
     /// The application thread leaves for longer than a round of callbacks:
     /// the I/O threads watch every socket again, now.
     pub(crate) fn release(&self) {
+        self.lent.store(false, Ordering::SeqCst);
         for reactor in self.reactors.iter() {
             reactor.watch.arm();
         }

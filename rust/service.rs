@@ -113,14 +113,31 @@ impl ServiceShared {
         self.reactors.release();
     }
 
-    /// For a consumer woken through [`wake_fd`](Self::wake_fd) by an event
-    /// loop of its own (asyncio's `add_reader`) rather than blocked in
-    /// [`wait_events`](Self::wait_events): it never serves the reactors inline,
-    /// so the I/O threads watch every socket. Returns false, without starting
-    /// the wait, if there is something to take already: take it now.
-    pub fn begin_fd_wait(&self) -> bool {
-        self.reactors.release();
-        self.context.events.begin_fd_wait()
+    /// For a consumer woken through a descriptor by an event loop of its own
+    /// (asyncio's `add_reader`) rather than blocked in
+    /// [`wait_events`](Self::wait_events). Returns the descriptor to watch
+    /// until the next call, or None, without starting the wait, if there is
+    /// something to take already: take it now. While its last
+    /// [`wait_events_in_poll`](Self::wait_events_in_poll) left the reactors
+    /// lent to it (light load), that is their set, and the consumer serves
+    /// their sockets itself when it wakes (`wait_events_in_poll` with a zero
+    /// timeout), as `poll()` does; otherwise the I/O threads watch every socket
+    /// and it is [`wake_fd`](Self::wake_fd).
+    pub fn begin_fd_wait(&self) -> Option<std::os::fd::RawFd> {
+        let watched = match self.reactors.app_fd() {
+            Some(fd) => fd,
+            None => {
+                self.reactors.release();
+                self.wake_fd()
+            }
+        };
+        self.context.events.begin_fd_wait().then_some(watched)
+    }
+
+    /// Whether the consumer's last wait left the reactors lent to it: their
+    /// sockets are its to watch (see [`begin_fd_wait`](Self::begin_fd_wait)).
+    pub fn sockets_lent(&self) -> bool {
+        self.reactors.app_fd().is_some()
     }
 
     /// The descriptor woke the consumer (or it stops waiting): its signals are taken.

@@ -14,7 +14,9 @@ callbacks, and how they end.
   running on_connected/on_recv_packet tasks are cancelled and awaited,
   on_disconnected tasks are awaited, every on_disconnected is delivered.
 
-Every test runs on asyncio's own loop and on uvloop, over real sockets.
+Every test runs on asyncio's own loop and on uvloop, over real sockets; those
+with a server, on both I/O paths (the loop's thread serving the sockets at
+light load, and the I/O threads alone).
 """
 
 from __future__ import annotations
@@ -27,12 +29,29 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from aio_support import Peer, Run, peers, until
 from servercore import Client, DisconnectReason, PacketSession, Server
 from support import SEQ, RawPeer, connect, packet, poll_until
+
+BOTH_IO_PATHS = True
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def serve(io_path: str) -> ServerFactory:
+    """`serve(SessionClass, **options)` -> an unstarted Server on 127.0.0.1:0
+    on the I/O path under test; `async with` or serve_forever() starts it."""
+
+    def make(session_class: type[PacketSession], **options: Any) -> Server:
+        options.setdefault("inline_io", io_path == "inline")
+        return Server(session_class, "127.0.0.1", 0, **options)
+
+    return make
 
 def numbered(n: int, packet_id: int = 1) -> bytes:
     return packet(packet_id, SEQ.pack(n))
@@ -63,11 +82,11 @@ def recorder() -> type[Recorder]:
 # --- driving a service from a loop ------------------------------------------------------
 
 
-def test_callbacks_run_on_the_loops_thread_and_leaving_async_with_drains(run: Run) -> None:
+def test_callbacks_run_on_the_loops_thread_and_leaving_async_with_drains(run: Run, serve: ServerFactory) -> None:
     session_class = recorder()
 
     async def main() -> None:
-        async with Server(session_class, "127.0.0.1", 0) as server:
+        async with serve(session_class) as server:
             assert server.running
             clients = await peers(server.port, 5)
             for n, peer in enumerate(clients):
@@ -86,11 +105,11 @@ def test_callbacks_run_on_the_loops_thread_and_leaving_async_with_drains(run: Ru
     run(main)
 
 
-def test_cancelling_serve_forever_drains_like_stop(run: Run) -> None:
+def test_cancelling_serve_forever_drains_like_stop(run: Run, serve: ServerFactory) -> None:
     session_class = recorder()
 
     async def main() -> None:
-        server = Server(session_class, "127.0.0.1", 0)
+        server = serve(session_class)
         serving = asyncio.create_task(server.serve_forever())
         await until(lambda: server.running)
         clients = await peers(server.port, 3)
@@ -106,7 +125,7 @@ def test_cancelling_serve_forever_drains_like_stop(run: Run) -> None:
     run(main)
 
 
-def test_serve_forever_returns_when_stop_is_called_from_a_callback(run: Run) -> None:
+def test_serve_forever_returns_when_stop_is_called_from_a_callback(run: Run, serve: ServerFactory) -> None:
     class StopOnRequest(PacketSession):
         ended: list[DisconnectReason] = []
 
@@ -116,7 +135,7 @@ def test_serve_forever_returns_when_stop_is_called_from_a_callback(run: Run) -> 
         def on_disconnected(self, reason: DisconnectReason) -> None:
             self.ended.append(reason)
 
-    server = Server(StopOnRequest, "127.0.0.1", 0)
+    server = serve(StopOnRequest)
 
     async def main() -> None:
         async with server:
@@ -129,11 +148,11 @@ def test_serve_forever_returns_when_stop_is_called_from_a_callback(run: Run) -> 
     run(main)
 
 
-def test_stop_from_another_thread_is_delivered_on_the_loops_thread(run: Run) -> None:
+def test_stop_from_another_thread_is_delivered_on_the_loops_thread(run: Run, serve: ServerFactory) -> None:
     session_class = recorder()
 
     async def main() -> None:
-        async with Server(session_class, "127.0.0.1", 0) as server:
+        async with serve(session_class) as server:
             clients = await peers(server.port, 4)
             await until(lambda: len(server) == 4)
             stopper = threading.Thread(target=server.stop)
@@ -148,7 +167,7 @@ def test_stop_from_another_thread_is_delivered_on_the_loops_thread(run: Run) -> 
     run(main)
 
 
-def test_a_client_is_driven_the_same_way(run: Run) -> None:
+def test_a_client_is_driven_the_same_way(run: Run, serve: ServerFactory) -> None:
     class Bot(PacketSession):
         echoes: list[int] = []
 
@@ -161,7 +180,7 @@ def test_a_client_is_driven_the_same_way(run: Run) -> None:
     server_class = recorder()
 
     async def main() -> None:
-        async with Server(server_class, "127.0.0.1", 0) as server:
+        async with serve(server_class) as server:
             async with Client(Bot, "127.0.0.1", server.port, count=3) as client:
                 await until(lambda: len(Bot.echoes) == 3, message=f"echoes {Bot.echoes}")
                 assert sorted(Bot.echoes) == sorted(session.id for session in client.sessions)
@@ -171,9 +190,9 @@ def test_a_client_is_driven_the_same_way(run: Run) -> None:
     run(main)
 
 
-def test_a_service_is_driven_by_poll_or_by_a_loop_never_both(run: Run) -> None:
-    looped = Server(recorder(), "127.0.0.1", 0)
-    polled = Server(recorder(), "127.0.0.1", 0)
+def test_a_service_is_driven_by_poll_or_by_a_loop_never_both(run: Run, serve: ServerFactory) -> None:
+    looped = serve(recorder())
+    polled = serve(recorder())
     polled.start()
     try:
         polled.poll(0)
@@ -197,7 +216,7 @@ def test_a_service_is_driven_by_poll_or_by_a_loop_never_both(run: Run) -> None:
 # --- async callbacks --------------------------------------------------------------------
 
 
-def test_async_handlers_keep_the_order_of_each_sessions_packets(run: Run) -> None:
+def test_async_handlers_keep_the_order_of_each_sessions_packets(run: Run, serve: ServerFactory) -> None:
     """Handlers sleep a random while; per session, each ends before the next
     starts, in the order sent, and on_disconnected comes after the last."""
     events: dict[int, list[tuple[str, int]]] = {}
@@ -222,7 +241,7 @@ def test_async_handlers_keep_the_order_of_each_sessions_packets(run: Run) -> Non
     per_session = 40
 
     async def main() -> None:
-        async with Server(Slow, "127.0.0.1", 0) as server:
+        async with serve(Slow) as server:
             clients = await peers(server.port, 6)
             for peer in clients:
                 peer.send(b"".join(numbered(n) for n in range(per_session)))
@@ -244,7 +263,7 @@ def test_async_handlers_keep_the_order_of_each_sessions_packets(run: Run) -> Non
         assert log[1:-1] == expected
 
 
-def test_an_async_on_connected_announces_the_session_when_it_has_finished(run: Run) -> None:
+def test_an_async_on_connected_announces_the_session_when_it_has_finished(run: Run, serve: ServerFactory) -> None:
     """Broadcasts reach a session only once its on_connected returned, async or not."""
 
     class Gated(PacketSession):
@@ -258,7 +277,7 @@ def test_an_async_on_connected_announces_the_session_when_it_has_finished(run: R
     async def main() -> None:
         Gated.entered = asyncio.Event()
         Gated.opened = asyncio.Event()
-        async with Server(Gated, "127.0.0.1", 0) as server:
+        async with serve(Gated) as server:
             peer = await Peer.connect(server.port)
             await asyncio.wait_for(Gated.entered.wait(), 5)
             assert server.broadcast(9, b"early") == 0
@@ -270,7 +289,9 @@ def test_an_async_on_connected_announces_the_session_when_it_has_finished(run: R
     run(main)
 
 
-def test_an_exception_in_a_coroutine_closes_only_its_session(run: Run, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_exception_in_a_coroutine_closes_only_its_session(
+    run: Run, serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     class Boom(Exception):
         pass
 
@@ -287,7 +308,7 @@ def test_an_exception_in_a_coroutine_closes_only_its_session(run: Run, caplog: p
             ended[self.id] = reason
 
     async def main() -> None:
-        async with Server(Fragile, "127.0.0.1", 0) as server:
+        async with serve(Fragile) as server:
             bad, good = await peers(server.port, 2)
             await until(lambda: len(server) == 2)
             bad.send(packet(13, b"x"))
@@ -310,7 +331,7 @@ def test_an_exception_in_a_coroutine_closes_only_its_session(run: Run, caplog: p
         run(main)
 
 
-def test_cancellation_cancels_a_running_handler_then_delivers_on_disconnected(run: Run) -> None:
+def test_cancellation_cancels_a_running_handler_then_delivers_on_disconnected(run: Run, serve: ServerFactory) -> None:
     events: list[str] = []
 
     class Waiting(PacketSession):
@@ -327,7 +348,7 @@ def test_cancellation_cancels_a_running_handler_then_delivers_on_disconnected(ru
             events.append(f"on_disconnected {reason.name}")
 
     async def main() -> None:
-        server = Server(Waiting, "127.0.0.1", 0)
+        server = serve(Waiting)
         serving = asyncio.create_task(server.serve_forever())
         await until(lambda: server.running)
         peer = await Peer.connect(server.port)
@@ -343,7 +364,7 @@ def test_cancellation_cancels_a_running_handler_then_delivers_on_disconnected(ru
     run(main)
 
 
-def test_while_a_handler_awaits_its_sessions_packets_wait_and_tcp_pushes_back(run: Run) -> None:
+def test_while_a_handler_awaits_its_sessions_packets_wait_and_tcp_pushes_back(run: Run, serve: ServerFactory) -> None:
     """One session's handler blocks on an event: its peer can send only as much
     as the engine holds for it (max_pending_recv_bytes) plus the kernel's
     buffers; another session is served all along; once released, every
@@ -384,7 +405,7 @@ def test_while_a_handler_awaits_its_sessions_packets_wait_and_tcp_pushes_back(ru
     async def main() -> None:
         Blocking.released = asyncio.Event()
         options = {"max_pending_recv_bytes": 64 * 1024}
-        async with Server(Blocking, "127.0.0.1", 0, **options) as server:
+        async with serve(Blocking, **options) as server:
             result: dict[str, int] = {}
             flooding = threading.Thread(target=flood, args=(server.port, result))
             flooding.start()
@@ -412,7 +433,7 @@ def test_while_a_handler_awaits_its_sessions_packets_wait_and_tcp_pushes_back(ru
 # --- a handler awaiting the outside world -----------------------------------------------
 
 
-def test_a_handler_awaiting_a_slow_service_stalls_no_one_else(run: Run) -> None:
+def test_a_handler_awaiting_a_slow_service_stalls_no_one_else(run: Run, serve: ServerFactory) -> None:
     """One session's handler asks a small local service (asyncio streams, as a
     database client would) that answers after 300 ms; meanwhile 200 other
     sessions get a broadcast every 20 ms with no gap over 100 ms."""
@@ -440,7 +461,7 @@ def test_a_handler_awaiting_a_slow_service_stalls_no_one_else(run: Run) -> None:
     async def main() -> None:
         service = await asyncio.start_server(slow_service, "127.0.0.1", 0)
         Player.service_port = service.sockets[0].getsockname()[1]
-        async with service, Server(Player, "127.0.0.1", 0) as server:
+        async with service, serve(Player) as server:
             watchers = await peers(server.port, 200)
             asker = await Peer.connect(server.port)
             await until(lambda: len(server) == 201)
@@ -473,7 +494,7 @@ def test_a_handler_awaiting_a_slow_service_stalls_no_one_else(run: Run) -> None:
     run(main)
 
 
-def test_handlers_run_in_the_context_of_the_task_that_serves(run: Run) -> None:
+def test_handlers_run_in_the_context_of_the_task_that_serves(run: Run, serve: ServerFactory) -> None:
     request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
     seen: list[str] = []
 
@@ -488,7 +509,7 @@ def test_handlers_run_in_the_context_of_the_task_that_serves(run: Run) -> None:
 
     async def main() -> None:
         request_id.set("shard-7")
-        async with Server(Contextual, "127.0.0.1", 0) as server:
+        async with serve(Contextual) as server:
             peer = await Peer.connect(server.port)
             peer.send(numbered(1))
             assert await peer.recv_packet() == (1, SEQ.pack(1))

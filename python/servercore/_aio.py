@@ -1,12 +1,16 @@
 """servercore on an asyncio loop: what `serve_forever()`, `async with` and the
 async callbacks are made of.
 
-The engine wakes the loop through one file descriptor (an eventfd the I/O
-threads signal when they queue events for a consumer that waits on it), which
-the loop watches with `add_reader`: no timer, no thread of ours. When it is
-readable the loop's thread delivers every queued event in one batch, exactly
-as `poll()` would, then arms the descriptor again. Callbacks therefore run on
-the loop's thread, between its other callbacks and tasks.
+The engine wakes the loop through a file descriptor the loop watches with
+`add_reader`: no timer, no thread of ours. Under load it is an eventfd the
+I/O threads signal when they queue events; at light load, as under `poll()`,
+the loop's thread serves the sockets itself, and the descriptor is their
+epoll set (which holds the eventfd too), so a request is read, handled and
+answered on this thread without crossing to another. The engine says which
+each time the driver arms it. When it is readable the loop's thread delivers
+every queued event in one batch, exactly as `poll()` would, then arms again.
+Callbacks therefore run on the loop's thread, between its other callbacks
+and tasks.
 
 An `async def` callback's coroutine comes back to the driver (`_spawn`) and
 runs as a task; its session waits for it in the engine (rust/bindings/
@@ -38,8 +42,7 @@ class Service(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     _aio_driver: _Driver | None
-    def _aio_fileno(self) -> int: ...
-    def _aio_arm(self) -> bool: ...
+    def _aio_arm(self) -> int | None: ...
     def _aio_deliver(self, driver: _Driver) -> bool: ...
     def _aio_resume(
         self, driver: _Driver, session_id: int, callback: str, error: BaseException | None
@@ -52,14 +55,15 @@ class _Driver:
     def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
         self._service = service
         self.loop = loop
-        self._fd = service._aio_fileno()
+        # The descriptor watched: the engine's wake descriptor, or at light
+        # load the set of the sockets this thread then serves itself.
+        self._watched: int | None = None
         self._scheduled = False
         self._closing = False
         # Async callbacks running, with the name of each.
         self._tasks: dict[asyncio.Task[Any], str] = {}
         # Resolved once the last on_disconnected has been delivered.
         self.finished: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self._fd, self._deliver)
         self._arm()
 
     def _deliver(self) -> None:
@@ -93,8 +97,18 @@ class _Driver:
             self._detach()
 
     def _arm(self) -> None:
-        if not self._service._aio_arm():
+        watch = self._service._aio_arm()
+        if watch is None:
             self._deliver_soon()
+        elif watch != self._watched:
+            self._unwatch()
+            self.loop.add_reader(watch, self._deliver)
+            self._watched = watch
+
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            self.loop.remove_reader(self._watched)
+            self._watched = None
 
     def _deliver_soon(self) -> None:
         if not self._scheduled:
@@ -102,7 +116,7 @@ class _Driver:
             self.loop.call_soon(self._deliver)
 
     def _detach(self) -> None:
-        self.loop.remove_reader(self._fd)
+        self._unwatch()
         if self._service._aio_driver is self:
             self._service._aio_driver = None
         if not self.finished.done():

@@ -212,16 +212,28 @@ impl Dispatcher {
     }
 
     /// Delivers what is pending and what the engine holds now, without
-    /// waiting (and without serving the reactors): an asyncio loop's turn.
+    /// waiting: an asyncio loop's turn. At light load that serves the
+    /// reactors' ready sockets first, on this thread, as a `poll(0)` does.
     pub fn deliver_ready(
         &self,
         py: Python<'_>,
         delivery: &mut Delivery,
         runner: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        self.shared.take_events(&mut delivery.incoming);
-        delivery.take_incoming();
-        self.deliver_pending(py, delivery, Some(runner))
+        let mut delivered = 0;
+        // A second round if the first found events while the I/O threads
+        // served the sockets: its look, with nothing queued, is what hands the
+        // sockets to this thread at light load (then the loop watches them).
+        for _ in 0..2 {
+            let incoming = &mut delivery.incoming;
+            let taken = py.detach(|| self.shared.wait_events_in_poll(Some(Duration::ZERO), incoming));
+            delivery.take_incoming();
+            delivered += self.deliver_pending(py, delivery, Some(runner))?;
+            if taken == 0 || self.shared.sockets_lent() {
+                break;
+            }
+        }
+        Ok(delivered)
     }
 
     /// An async callback of `session` has ended (`error`: what it raised, if

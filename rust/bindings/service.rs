@@ -464,22 +464,16 @@ impl PyService {
         aio(slf.py())?.call_method1(intern!(slf.py(), "exit"), (slf,))
     }
 
-    /// For the asyncio driver: the descriptor the loop watches; claims the
-    /// service for asyncio.
-    fn _aio_fileno(&self) -> PyResult<i32> {
-        let started = self.started()?;
-        self.claim(Driver::Asyncio)?;
-        Ok(started.shared.wake_fd())
-    }
-
-    /// For the asyncio driver, before the loop goes back to waiting: false if
-    /// there is something to deliver already (deliver now, not on the descriptor).
-    fn _aio_arm(&self) -> PyResult<bool> {
+    /// For the asyncio driver, before the loop goes back to waiting (claims the
+    /// service for asyncio): the descriptor to watch until the next call, or
+    /// None if there is something to deliver already (deliver now, not on a
+    /// descriptor).
+    fn _aio_arm(&self) -> PyResult<Option<i32>> {
         let started = self.started()?;
         self.claim(Driver::Asyncio)?;
         self.note_poller();
         if self.phase() >= Phase::Stopped {
-            return Ok(false);
+            return Ok(None);
         }
         Ok(started.shared.begin_fd_wait())
     }
