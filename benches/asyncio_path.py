@@ -7,7 +7,9 @@ asyncio or a uvloop event loop on this thread. The CPU time of this thread
 (time.thread_time(), from before the flood connects to the last packet)
 divided by the packets is the Python-side cost per packet: waiting, taking
 the batch off the engine's queue, calling the method; on a loop, the loop's
-own turn and the descriptor's wake-ups too. The three paths alternate,
+own turn and the descriptor's wake-ups too. The process's CPU time over the
+same span (I/O threads included; under poll() the polling thread may read
+the socket itself) is reported beside it. The three paths alternate,
 `--repeat` times, and the medians and their ratios to poll() are printed
 (human-readable on stderr, one JSON line on stdout).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,6 +75,21 @@ def end_flood(flood: subprocess.Popen[bytes]) -> None:
         flood.wait()
 
 
+def process_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def result(packets: int, cpu: float, process: float) -> dict[str, Any]:
+    return {
+        "packets": Counting.received,
+        "thread_cpu_s": cpu,
+        "ns_per_packet": cpu / packets * 1e9,
+        "process_cpu_s": process,
+        "process_ns_per_packet": process / packets * 1e9,
+    }
+
+
 def measure_poll(packets: int, size: int, timeout: float) -> dict[str, Any]:
     Counting.received, Counting.target = 0, packets
     finished = [False]
@@ -79,7 +97,7 @@ def measure_poll(packets: int, size: int, timeout: float) -> dict[str, Any]:
     server = Server(Counting, "127.0.0.1", 0)
     server.start()
     try:
-        cpu_before = time.thread_time()
+        cpu_before, process_before = time.thread_time(), process_cpu()
         flood = start_flood(server.port, packets, size, timeout)
         deadline = time.monotonic() + timeout
         try:
@@ -87,12 +105,12 @@ def measure_poll(packets: int, size: int, timeout: float) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{Counting.received} of {packets} packets within {timeout} s")
                 server.poll(0.05)
-            cpu = time.thread_time() - cpu_before
+            cpu, process = time.thread_time() - cpu_before, process_cpu() - process_before
         finally:
             end_flood(flood)
     finally:
         server.stop()
-    return {"packets": Counting.received, "thread_cpu_s": cpu, "ns_per_packet": cpu / packets * 1e9}
+    return result(packets, cpu, process)
 
 
 def measure_loop(kind: str, packets: int, size: int, timeout: float) -> dict[str, Any]:
@@ -101,14 +119,14 @@ def measure_loop(kind: str, packets: int, size: int, timeout: float) -> dict[str
         finished = asyncio.Event()
         Counting.done = staticmethod(finished.set)
         async with Server(Counting, "127.0.0.1", 0) as server:
-            cpu_before = time.thread_time()
+            cpu_before, process_before = time.thread_time(), process_cpu()
             flood = start_flood(server.port, packets, size, timeout)
             try:
                 await asyncio.wait_for(finished.wait(), timeout)
-                cpu = time.thread_time() - cpu_before
+                cpu, process = time.thread_time() - cpu_before, process_cpu() - process_before
             finally:
                 end_flood(flood)
-        return {"packets": Counting.received, "thread_cpu_s": cpu, "ns_per_packet": cpu / packets * 1e9}
+        return result(packets, cpu, process)
 
     return uvloop.run(main()) if kind == "uvloop" else asyncio.run(main())
 
@@ -127,16 +145,18 @@ def main() -> int:
     runs: list[dict[str, dict[str, Any]]] = []
     for rep in range(args.repeat):
         order = PATHS[rep % 3:] + PATHS[:rep % 3]  # each path goes first once in three
-        result = {}
+        measured: dict[str, dict[str, Any]] = {}
         for path in order:
             if path == "poll":
-                result[path] = measure_poll(args.packets, args.size, args.timeout)
+                measured[path] = measure_poll(args.packets, args.size, args.timeout)
             else:
-                result[path] = measure_loop(path, args.packets, args.size, args.timeout)
-        runs.append(result)
-        print(f"run {rep + 1}: " + ", ".join(f"{p} {result[p]['ns_per_packet']:.1f} ns/packet" for p in PATHS),
-              file=sys.stderr)
+                measured[path] = measure_loop(path, args.packets, args.size, args.timeout)
+        runs.append(measured)
+        print(f"run {rep + 1}: " + ", ".join(
+            f"{p} {measured[p]['ns_per_packet']:.1f} ns/packet (process {measured[p]['process_ns_per_packet']:.0f})"
+            for p in PATHS), file=sys.stderr)
     medians = {p: statistics.median(r[p]["ns_per_packet"] for r in runs) for p in PATHS}
+    process = {p: statistics.median(r[p]["process_ns_per_packet"] for r in runs) for p in PATHS}
     spread = {p: [round(min(r[p]["ns_per_packet"] for r in runs), 1), round(max(r[p]["ns_per_packet"] for r in runs), 1)]
               for p in PATHS}
     ratios = {p: round(medians[p] / medians["poll"], 3) for p in PATHS if p != "poll"}
@@ -148,10 +168,13 @@ def main() -> int:
         "ns_per_packet": {p: round(v, 1) for p, v in medians.items()},
         "ns_per_packet_min_max": spread,
         "ratio_to_poll": ratios,
+        "process_ns_per_packet": {p: round(v, 1) for p, v in process.items()},
+        "process_ratio_to_poll": {p: round(process[p] / process["poll"], 3) for p in PATHS if p != "poll"},
         "runs": runs,
     }
     print("median ns/packet: " + ", ".join(f"{p} {medians[p]:.1f}" for p in PATHS)
-          + "; ratio to poll(): " + ", ".join(f"{p} {r:.2f}" for p, r in ratios.items()), file=sys.stderr)
+          + "; ratio to poll(): " + ", ".join(f"{p} {r:.2f}" for p, r in ratios.items())
+          + "; process ns/packet: " + ", ".join(f"{p} {process[p]:.0f}" for p in PATHS), file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
