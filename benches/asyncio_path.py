@@ -23,19 +23,15 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import uvloop
+from dispatch_floor import LOADGEN, end_flood, start_flood
 
 from servercore import PacketSession, Server
-
-HERE = Path(__file__).resolve().parent
-LOADGEN = HERE / "loadgen" / "target" / "release" / "loadgen"
 PATHS = ["poll", "asyncio", "uvloop"]
 
 
@@ -51,28 +47,6 @@ class Counting(PacketSession):
         cls.received += 1
         if cls.received == cls.target:
             cls.done()
-
-
-def start_flood(port: int, packets: int, size: int, timeout: float) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            str(LOADGEN), "flood", "--port", str(port), "--clients", "1", "--count", str(packets),
-            "--size", str(size), "--hold", str(timeout), "--timeout", str(timeout),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def end_flood(flood: subprocess.Popen[bytes]) -> None:
-    assert flood.stdin is not None
-    try:
-        flood.stdin.close()
-        flood.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        flood.kill()
-        flood.wait()
 
 
 def process_cpu() -> float:
@@ -98,7 +72,7 @@ def measure_poll(packets: int, size: int, timeout: float) -> dict[str, Any]:
     server.start()
     try:
         cpu_before, process_before = time.thread_time(), process_cpu()
-        flood = start_flood(server.port, packets, size, timeout)
+        flood = start_flood(server.port, packets, size, 1, timeout)
         deadline = time.monotonic() + timeout
         try:
             while not finished[0]:
@@ -120,7 +94,7 @@ def measure_loop(kind: str, packets: int, size: int, timeout: float) -> dict[str
         Counting.done = staticmethod(finished.set)
         async with Server(Counting, "127.0.0.1", 0) as server:
             cpu_before, process_before = time.thread_time(), process_cpu()
-            flood = start_flood(server.port, packets, size, timeout)
+            flood = start_flood(server.port, packets, size, 1, timeout)
             try:
                 await asyncio.wait_for(finished.wait(), timeout)
                 cpu, process = time.thread_time() - cpu_before, process_cpu() - process_before

@@ -38,18 +38,37 @@ class EmptySession(PacketSession):
         pass
 
 
-def measure_servercore(packets: int, size: int, clients: int, loadgen: Path, timeout: float) -> dict:
-    server = Server(EmptySession, "127.0.0.1", 0)
-    server.start()
-    flood = subprocess.Popen(
+def start_flood(
+    port: int, packets: int, size: int, clients: int, timeout: float, loadgen: Path = LOADGEN
+) -> subprocess.Popen[bytes]:
+    """`loadgen flood`: `packets` packets of `size` bytes over `clients`
+    connections, which it holds open until its stdin is closed."""
+    return subprocess.Popen(
         [
-            str(loadgen), "flood", "--port", str(server.port), "--clients", str(clients),
+            str(loadgen), "flood", "--port", str(port), "--clients", str(clients),
             "--count", str(packets), "--size", str(size), "--hold", str(timeout), "--timeout", str(timeout),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def end_flood(flood: subprocess.Popen[bytes]) -> None:
+    """Lets the flood's connections go and waits for it to exit."""
+    assert flood.stdin is not None
+    try:
+        flood.stdin.close()
+        flood.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        flood.kill()
+        flood.wait()
+
+
+def measure_servercore(packets: int, size: int, clients: int, loadgen: Path, timeout: float) -> dict:
+    server = Server(EmptySession, "127.0.0.1", 0)
+    server.start()
+    flood = start_flood(server.port, packets, size, clients, timeout, loadgen)
     # Every session's Connected is an event too; Disconnected only comes after
     # we close the flood's stdin, once everything has been counted.
     target = packets + clients
@@ -78,12 +97,7 @@ def measure_servercore(packets: int, size: int, clients: int, loadgen: Path, tim
         times_after = os.times()
         extra = server.poll(0.05)  # nothing more should come before we close
     finally:
-        try:
-            flood.stdin.close()
-            flood.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            flood.kill()
-            flood.wait()
+        end_flood(flood)
         stats = server.stats()
         server.stop()
     process_cpu = (times_after.user + times_after.system) - (times_before.user + times_before.system)
