@@ -22,6 +22,7 @@ light load, and the I/O threads alone).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -485,6 +486,8 @@ def test_a_handler_awaiting_a_slow_service_stalls_no_one_else(run: Run, serve: S
             ticking = asyncio.create_task(tick())
             await asyncio.gather(*(watch(peer) for peer in watchers))
             ticking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticking
             assert await asker.recv_packet_with_id(3) == b"answer to question\n"
             assert Player.answers == [b"answer to question\n"]
             assert max(gaps) < 0.1, f"longest gap between broadcasts {max(gaps) * 1e3:.0f} ms"
@@ -543,3 +546,49 @@ def test_under_poll_an_async_callback_is_a_callback_error_that_says_why(
     assert "async callbacks run only while an asyncio loop drives the service" in str(record.exc_info[1])
     # No "coroutine was never awaited" warning: the engine closed it.
     assert not [r for r in caplog.records if "never awaited" in r.getMessage()]
+
+
+def test_mass_disconnect_during_broadcast_on_a_loop(run: Run, serve: ServerFactory) -> None:
+    """The lecture's crash, on a loop: 300 clients vanish (half reset, half
+    closed) while a task broadcasts every millisecond; every session ends once,
+    and the server goes on serving."""
+    ended: list[DisconnectReason] = []
+
+    class Player(PacketSession):
+        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+            self.send(packet_id, payload)
+
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            ended.append(reason)
+
+    async def main() -> None:
+        async with serve(Player) as server:
+            clients = await peers(server.port, 300)
+            await until(lambda: len(server) == 300)
+
+            async def tick() -> None:
+                while True:
+                    server.broadcast(5, bytes(200))
+                    await asyncio.sleep(0.001)
+
+            ticking = asyncio.create_task(tick())
+            await asyncio.sleep(0.05)
+            for n, peer in enumerate(clients):
+                if n % 2:
+                    peer.writer.transport.abort()  # RST
+                else:
+                    peer.writer.close()
+            await until(lambda: len(ended) == 300, message=f"{len(ended)} of 300 ended")
+            assert set(ended) <= {DisconnectReason.CLOSED_BY_PEER, DisconnectReason.RESET}
+            ticking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticking
+            for peer in clients:
+                await peer.close()
+            survivor = await Peer.connect(server.port)
+            survivor.send(numbered(1))
+            assert await survivor.recv_packet_with_id(1) == SEQ.pack(1)
+            await survivor.close()
+
+    run(main)
+    assert len(ended) == 301
