@@ -29,6 +29,7 @@ from servercore._core import (
     Server,
     Service,
     Session,
+    Timer,
     __version__,
 )
 from servercore._connection import Connection, Disconnected, connect
@@ -46,6 +47,7 @@ __all__ = [
     "Server",
     "Service",
     "Session",
+    "Timer",
     "__version__",
     "connect",
 ]

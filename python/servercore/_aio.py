@@ -43,6 +43,7 @@ class Service(Protocol):
     def stop(self) -> None: ...
     _aio_driver: _Driver | None
     def _aio_arm(self) -> int | None: ...
+    def _aio_next_job(self) -> float | None: ...
     def _aio_deliver(self, driver: _Driver) -> bool: ...
     def _aio_resume(
         self, driver: _Driver, session_id: int, callback: str, error: BaseException | None
@@ -59,6 +60,8 @@ class _Driver:
         # load the set of the sockets this thread then serves itself.
         self._watched: int | None = None
         self._scheduled = False
+        # A loop timer for the service's next timer or posted call, if any.
+        self._job_timer: asyncio.TimerHandle | None = None
         self._closing = False
         # Async callbacks running, with the name of each.
         self._tasks: dict[asyncio.Task[Any], str] = {}
@@ -104,6 +107,26 @@ class _Driver:
             self._unwatch()
             self.loop.add_reader(watch, self._deliver)
             self._watched = watch
+        self._schedule_jobs(self._service._aio_next_job())
+
+    def _schedule_jobs(self, delay: float | None) -> None:
+        """Keeps one loop timer at the service's next job (timers, posted calls)."""
+        timer = self._job_timer
+        if delay is None:
+            if timer is not None:
+                timer.cancel()
+                self._job_timer = None
+            return
+        when = self.loop.time() + delay
+        if timer is not None:
+            if abs(timer.when() - when) < 0.0005:
+                return
+            timer.cancel()
+        self._job_timer = self.loop.call_at(when, self._jobs_due)
+
+    def _jobs_due(self) -> None:
+        self._job_timer = None
+        self._deliver()
 
     def _unwatch(self) -> None:
         if self._watched is not None:
@@ -117,6 +140,7 @@ class _Driver:
 
     def _detach(self) -> None:
         self._unwatch()
+        self._schedule_jobs(None)
         if self._service._aio_driver is self:
             self._service._aio_driver = None
         if not self.finished.done():

@@ -1,6 +1,6 @@
 """The native engine of servercore (Rust, tokio, PyO3). Import from `servercore`."""
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, TypedDict, TypeVar, final, overload, type_check_only
 
@@ -20,6 +20,7 @@ __all__ = [
     "Server",
     "Service",
     "Session",
+    "Timer",
     "__version__",
 ]
 
@@ -209,6 +210,15 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+    def call_later(self, delay: float, callback: Callable[..., object], /, *args: Any) -> Timer:
+        """Call `callback(*args)` once, `delay` seconds from now, on the polling
+        thread (in `poll()`, or on the loop that drives the service)."""
+    def call_every(self, interval: float, callback: Callable[..., object], /, *args: Any) -> Timer:
+        """Call `callback(*args)` every `interval` seconds at a fixed rate (no
+        drift; ticks missed while late are counted in `late_ticks`, not run)."""
+    def post(self, callback: Callable[..., object], /, *args: Any) -> None:
+        """Call `callback(*args)` on the polling thread at its next delivery, in
+        order; callable from any thread, and wakes a waiting `poll()`."""
     async def serve_forever(self) -> None:
         """Serve on the running asyncio loop until `stop()` (starting first if
         needed). Callbacks run on the loop's thread, woken through a file
@@ -225,6 +235,21 @@ class Service:
         tb: TracebackType | None,
     ) -> bool:
         """Stop, as cancelling `serve_forever()` does, without blocking the loop."""
+
+@final
+class Timer:
+    """A scheduled call, from `call_later` or `call_every`."""
+
+    def cancel(self) -> None:
+        """It does not run again. Idempotent; callable from any thread."""
+    @property
+    def cancelled(self) -> bool: ...
+    @property
+    def late_ticks(self) -> int:
+        """Ticks of a repeating timer skipped because an earlier one was late."""
+    @property
+    def interval(self) -> float | None:
+        """Seconds between ticks; None for a one-shot timer."""
 
 @type_check_only
 class SessionOptions(TypedDict, total=False):

@@ -93,16 +93,17 @@ def game_server(args: argparse.Namespace) -> int:
     with Server(GameSession, args.host, args.port, max_sessions=args.max_sessions) as server:
         print(f"game-server: listening on {server.host}:{server.port}, broadcasting Hello World every {args.tick}s", flush=True)
         line = RateLine("game-server")
-        next_tick = time.monotonic()
-        deadline = None if args.duration is None else time.monotonic() + args.duration
+
+        def report() -> None:
+            stats = server.stats()
+            line.maybe_print(len(server), stats["packets_out"], stats["bytes_out"], "out")
+
+        server.call_every(args.tick, server.broadcast, hello)  # fixed rate: the tick does not drift
+        server.call_every(0.5, report)
+        if args.duration is not None:
+            server.call_later(args.duration, server.stop)
         try:
-            while deadline is None or time.monotonic() < deadline:
-                server.poll(timeout=max(0.0, next_tick - time.monotonic()))
-                if time.monotonic() >= next_tick:
-                    server.broadcast(hello)
-                    next_tick += args.tick
-                stats = server.stats()
-                line.maybe_print(len(server), stats["packets_out"], stats["bytes_out"], "out")
+            server.run_forever()
         except KeyboardInterrupt:
             print("game-server: stopping")
     return 0

@@ -30,6 +30,7 @@ use pyo3::types::{PyBytes, PyDict};
 use rustc_hash::FxHashMap;
 
 use super::logging;
+use super::scheduler::Scheduler;
 use super::session_class::{SessionClass, callback};
 use crate::coalesce::WriteBatch;
 use crate::events::Event;
@@ -141,14 +142,17 @@ pub struct Dispatcher {
     unconsumed: Mutex<FxHashMap<SessionId, BytesMut>>,
     delivery: Mutex<Delivery>,
     reasons: PyOnceLock<Vec<Py<PyAny>>>,
+    /// Timers and posted calls, run in the same deliveries as the callbacks.
+    jobs: Arc<Scheduler>,
 }
 
 impl Dispatcher {
-    pub fn new(class: SessionClass, shared: Arc<ServiceShared>) -> Self {
+    pub fn new(class: SessionClass, shared: Arc<ServiceShared>, jobs: Arc<Scheduler>) -> Self {
         Self {
             class,
             inbox: Mutex::new(shared.inbox()),
             shared,
+            jobs,
             unconsumed: Mutex::new(FxHashMap::default()),
             delivery: Mutex::new(Delivery::default()),
             reasons: PyOnceLock::new(),
@@ -208,7 +212,8 @@ impl Dispatcher {
         if delivery.pending.is_empty() {
             self.wait(py, delivery, timeout, give_up)?;
         }
-        self.deliver_pending(py, delivery, None)
+        let ran = self.jobs.run_due(py)?;
+        Ok(ran + self.deliver_pending(py, delivery, None)?)
     }
 
     /// Delivers what is pending and what the engine holds now, without
@@ -220,7 +225,7 @@ impl Dispatcher {
         delivery: &mut Delivery,
         runner: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let mut delivered = 0;
+        let mut delivered = self.jobs.run_due(py)?;
         // A second round if the first found events while the I/O threads
         // served the sockets: its look, with nothing queued, is what hands the
         // sockets to this thread at light load (then the loop watches them).
@@ -273,10 +278,12 @@ impl Dispatcher {
         loop {
             self.shared.take_events(&mut delivery.incoming);
             delivery.take_incoming();
-            if delivery.pending.is_empty() {
+            // Calls posted before the stop still run, before the last on_disconnected.
+            let ran = self.jobs.run_due(py)?;
+            if delivery.pending.is_empty() && ran == 0 {
                 return Ok(total);
             }
-            total += self.deliver_pending(py, delivery, runner)?;
+            total += ran + self.deliver_pending(py, delivery, runner)?;
         }
     }
 
@@ -295,11 +302,14 @@ impl Dispatcher {
                 }
                 None => SIGNAL_CHECK_INTERVAL,
             };
+            // Until the next timer or posted call, at most.
+            let slice = self.jobs.wait_limit(Some(slice));
             let incoming = &mut delivery.incoming;
-            if py.detach(|| self.shared.wait_events_in_poll(Some(slice), incoming)) > 0 {
+            if py.detach(|| self.shared.wait_events_in_poll(slice, incoming)) > 0 {
                 break;
             }
-            if deadline.is_some_and(|deadline| Instant::now() >= deadline) || give_up() {
+            let now = Instant::now();
+            if self.jobs.is_due(now) || deadline.is_some_and(|deadline| now >= deadline) || give_up() {
                 break;
             }
             py.check_signals()?;
@@ -664,6 +674,7 @@ impl Dispatcher {
                 visit.call(&known.state)?;
             }
         }
+        self.jobs.traverse(visit)?;
         visit.call(self.class.cls())
     }
 

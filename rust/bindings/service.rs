@@ -29,16 +29,18 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::ThreadId;
+use std::time::Duration;
 
-use pyo3::exceptions::{PyOSError, PyResourceWarning, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 use super::dispatcher::{Delivery, Dispatcher};
 use super::logging;
 use super::options::{self, Port, Role, SessionCount};
+use super::scheduler::{PyTimer, Scheduler};
 use super::send_buffer::bytes_from_args;
 use super::session::PySession;
 use super::session_class::SessionClass;
@@ -160,6 +162,8 @@ pub struct PyService {
     stop_reason: DisconnectReason,
     /// The asyncio driver (`servercore/_aio.py`) while an event loop drives the service.
     aio_driver: Mutex<Option<Py<PyAny>>>,
+    /// Timers and posted calls; they may be made before `start()`.
+    jobs: Arc<Scheduler>,
 }
 
 impl PyService {
@@ -188,6 +192,7 @@ impl PyService {
                 Role::Client => DisconnectReason::ClosedLocally,
             },
             aio_driver: Mutex::new(None),
+            jobs: Arc::new(Scheduler::default()),
         })
     }
 
@@ -229,6 +234,38 @@ impl PyService {
 
     fn on_polling_thread(&self) -> bool {
         *self.poller.lock().unwrap_or_else(|e| e.into_inner()) == Some(std::thread::current().id())
+    }
+
+    /// Timers and posted calls need a callable, and a service that will still poll.
+    fn accepts_jobs(&self, callback: &Bound<'_, PyAny>) -> PyResult<()> {
+        if !callback.is_callable() {
+            return Err(PyTypeError::new_err(format!(
+                "callback must be callable, got {}",
+                options::type_name(callback)
+            )));
+        }
+        if self.phase() >= Phase::Finished {
+            return Err(PyRuntimeError::new_err("the service has finished: nothing would run this callback"));
+        }
+        Ok(())
+    }
+
+    fn schedule(
+        &self,
+        py: Python<'_>,
+        delay: Duration,
+        interval: Option<Duration>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<PyTimer>> {
+        self.accepts_jobs(callback)?;
+        let timer =
+            self.jobs.schedule(py, delay, interval, callback.clone().unbind(), args.clone().unbind())?;
+        // A wait that is already under way ends early enough for it.
+        if let Some(started) = self.started.get() {
+            started.shared.interrupt_wait();
+        }
+        Ok(timer)
     }
 
     fn started(&self) -> PyResult<&Started> {
@@ -286,7 +323,7 @@ impl PyService {
             Engine::Client(_) => None,
         };
         let shared = engine.service_mut().shared().clone();
-        let dispatcher = Dispatcher::new(self.class.clone_ref(py), shared.clone());
+        let dispatcher = Dispatcher::new(self.class.clone_ref(py), shared.clone(), self.jobs.clone());
         *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine);
         let _ = self.started.set(Started { shared, dispatcher, local_addr });
         Ok(())
@@ -326,6 +363,8 @@ impl PyService {
         let delivered = started.dispatcher.drain(py, delivery, runner)?;
         if !delivery.awaits_callbacks() {
             self.advance(Phase::Finished);
+            // Nothing runs after the last on_disconnected.
+            self.jobs.clear();
         }
         Ok(delivered)
     }
@@ -444,6 +483,46 @@ impl PyService {
         self.deliver_the_rest(py, started)
     }
 
+    /// Calls `callback(*args)` once, `delay` seconds from now, on the polling
+    /// thread (in a `poll()`, or on the event loop that drives the service).
+    #[pyo3(signature = (delay, callback, /, *args))]
+    fn call_later(
+        &self,
+        py: Python<'_>,
+        delay: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<PyTimer>> {
+        let delay = options::seconds("delay", delay, limits::WAIT)?;
+        self.schedule(py, delay, None, callback, args)
+    }
+
+    /// Calls `callback(*args)` every `interval` seconds at a fixed rate, the
+    /// first time one interval from now, on the polling thread.
+    #[pyo3(signature = (interval, callback, /, *args))]
+    fn call_every(
+        &self,
+        py: Python<'_>,
+        interval: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<PyTimer>> {
+        let interval = options::seconds("interval", interval, limits::TIMEOUT)?;
+        self.schedule(py, interval, Some(interval), callback, args)
+    }
+
+    /// Calls `callback(*args)` on the polling thread at its next delivery, in
+    /// the order posted. Callable from any thread; wakes a waiting `poll()`.
+    #[pyo3(signature = (callback, /, *args))]
+    fn post(&self, callback: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.accepts_jobs(callback)?;
+        self.jobs.post(callback.clone().unbind(), args.clone().unbind());
+        if let Some(started) = self.started.get() {
+            started.shared.interrupt_wait();
+        }
+        Ok(())
+    }
+
     /// Serves until `stop()` (from a callback, a task or another thread), on
     /// the running asyncio loop: a coroutine. Cancelling it stops the service
     /// and delivers every `on_disconnected` before the cancellation goes on.
@@ -476,6 +555,12 @@ impl PyService {
             return Ok(None);
         }
         Ok(started.shared.begin_fd_wait())
+    }
+
+    /// For the asyncio driver: seconds until the next timer or posted call is
+    /// due (0: now), or None if there is none.
+    fn _aio_next_job(&self) -> Option<f64> {
+        self.jobs.next_due().map(|due| due.saturating_duration_since(std::time::Instant::now()).as_secs_f64())
     }
 
     /// For the asyncio driver (`driver`, which runs async callbacks), when the
