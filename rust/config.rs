@@ -215,6 +215,9 @@ pub struct ServiceConfig {
     /// The application thread serves the sockets itself while it waits and
     /// the load is light (see the `reactor` module); off, only the I/O threads do.
     pub inline_io: bool,
+    /// How long a graceful drain (`run_forever` on SIGTERM or SIGINT) lets the
+    /// sessions it closes flush, instead of the linger.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -226,6 +229,7 @@ impl Default for ServiceConfig {
             backlog: 1024,
             connect_timeout: Duration::from_secs(10),
             inline_io: true,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -258,6 +262,7 @@ impl ServiceConfig {
         }
         WAIT.check_duration("linger", session.linger)?;
         TIMEOUT.check_duration("connect_timeout", self.connect_timeout)?;
+        WAIT.check_duration("shutdown_grace", self.shutdown_grace)?;
         if let Some(keepalive) = session.keepalive {
             TIMEOUT.check_duration("keepalive idle", keepalive.idle)?;
             TIMEOUT.check_duration("keepalive interval", keepalive.interval)?;

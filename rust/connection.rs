@@ -253,10 +253,11 @@ impl Connection {
         match self.serve_open() {
             Ok(served) => served,
             Err(stop) => {
-                if !self.settle(stop).flushes_queue() {
+                let reason = self.settle(stop);
+                if !reason.flushes_queue() {
                     return Served::Done;
                 }
-                let until = Tick::now().after(self.handle().context.config.linger);
+                let until = Tick::now().after(self.handle().context.linger_for(reason));
                 self.phase = Phase::Lingering { until, write_shut: false };
                 self.serve_lingering(scratch)
             }
@@ -662,12 +663,13 @@ impl Farewell {
         }
         let handle = &self.handle;
         let dropped = handle.queue.finish(fallback);
+        let reason = handle.queue.close_reason().unwrap_or(fallback);
         let context = &handle.context;
         context.stats.send_queue_bytes.fetch_sub(dropped, Ordering::Relaxed);
         if dropped > 0 {
             ServiceStats::add(&context.stats.unsent_bytes_dropped, dropped as u64);
             let why = match self.linger_expired {
-                true => format!("linger of {:.1}s expired", context.config.linger.as_secs_f64()),
+                true => format!("linger of {:.1}s expired", context.linger_for(reason).as_secs_f64()),
                 false => "the connection ended first".to_owned(),
             };
             let detail = self.detail.get_or_insert_with(Box::default);
@@ -676,7 +678,6 @@ impl Farewell {
             }
             detail.push_str(&format!("{dropped} queued bytes were never sent ({why})"));
         }
-        let reason = handle.queue.close_reason().unwrap_or(fallback);
         self.sealed = Some(reason);
         reason
     }

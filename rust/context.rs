@@ -7,20 +7,50 @@
 //! dependencies between the engine's modules point one way.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::config::SessionConfig;
 use crate::events::EventQueue;
+use crate::reason::DisconnectReason;
 use crate::stats::ServiceStats;
+
+/// No shutdown grace set: sessions closed by a shutdown linger as any other.
+const NO_GRACE: u64 = u64::MAX;
 
 pub struct SessionContext {
     pub config: SessionConfig,
     pub stats: ServiceStats,
     pub events: EventQueue,
+    /// The linger of sessions a graceful shutdown closes, in nanoseconds
+    /// (`NO_GRACE`: the configured linger).
+    shutdown_grace: AtomicU64,
 }
 
 impl SessionContext {
     pub fn new(config: SessionConfig) -> io::Result<Self> {
-        Ok(Self { config, stats: ServiceStats::default(), events: EventQueue::new()? })
+        Ok(Self {
+            config,
+            stats: ServiceStats::default(),
+            events: EventQueue::new()?,
+            shutdown_grace: AtomicU64::new(NO_GRACE),
+        })
+    }
+
+    /// How long a session closed for `reason` may spend flushing: a graceful
+    /// shutdown's grace for the sessions it closes, else the linger.
+    pub fn linger_for(&self, reason: DisconnectReason) -> Duration {
+        let grace = self.shutdown_grace.load(Ordering::Relaxed);
+        match reason {
+            DisconnectReason::ServerShutdown if grace != NO_GRACE => Duration::from_nanos(grace),
+            _ => self.config.linger,
+        }
+    }
+
+    /// Sessions closed by the shutdown about to start linger for `grace`.
+    pub fn set_shutdown_grace(&self, grace: Duration) {
+        let nanos = u64::try_from(grace.as_nanos()).unwrap_or(NO_GRACE - 1);
+        self.shutdown_grace.store(nanos, Ordering::Relaxed);
     }
 
     /// The largest packet a session sends or accepts, header included.

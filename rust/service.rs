@@ -37,6 +37,8 @@ pub struct ServiceShared {
     pub pool: &'static SendBufferPool,
     reactors: Reactors,
     next_id: AtomicU64,
+    /// Ends a shutdown's wait for its sessions to flush (a second signal).
+    hurry: tokio::sync::Notify,
 }
 
 impl ServiceShared {
@@ -52,6 +54,7 @@ impl ServiceShared {
             pool: SendBufferPool::global(),
             reactors,
             next_id: AtomicU64::new(1),
+            hurry: tokio::sync::Notify::new(),
         }))
     }
 
@@ -132,6 +135,12 @@ impl ServiceShared {
             }
         };
         self.context.events.begin_fd_wait().then_some(watched)
+    }
+
+    /// A shutdown under way (or the next one) stops waiting for its sessions
+    /// to flush: they are dropped at once, each reported. From any thread.
+    pub fn hurry_shutdown(&self) {
+        self.hurry.notify_one();
     }
 
     /// Whether the consumer's last wait left the reactors lent to it: their
@@ -229,28 +238,47 @@ impl Service {
     /// its `Disconnected` event; then ends the I/O threads. Blocks for up to the
     /// linger and a second more. Idempotent.
     pub fn shutdown(&mut self, reason: DisconnectReason) {
+        let linger = self.shared.config.session.linger;
+        self.shutdown_within(reason, linger);
+    }
+
+    /// [`shutdown`](Self::shutdown), with `grace` instead of the linger for the
+    /// sessions it closes: a graceful drain. [`ServiceShared::hurry_shutdown`]
+    /// (from any thread) cuts the wait short; sessions still flushing are
+    /// then dropped, each reported.
+    pub fn shutdown_within(&mut self, reason: DisconnectReason, grace: Duration) {
         let Some(runtime) = self.runtime.take() else { return };
         // The application thread may be serving a reactor in its wait (from
         // another thread than this one): the tasks need their reactors back.
         self.shared.reactors.stop_inline(&self.shared.context.events);
-        if let Some(accept) = self.accept_task.take() {
-            accept.abort();
-        }
+        self.stop_accepting();
+        self.shared.context.set_shutdown_grace(grace);
         self.shared.registry.close_all(reason);
-        let grace = self.shared.config.session.linger + Duration::from_secs(1);
-        let registry = &self.shared.registry;
-        let drained =
-            runtime.block_on(async { tokio::time::timeout(grace, registry.emptied()).await.is_ok() });
-        if !drained {
-            log::warn!(
-                target: "servercore",
-                "{} sessions still closing after {:.1}s; cutting them off",
-                registry.len(),
-                grace.as_secs_f64()
-            );
+        let wait = grace + Duration::from_secs(1);
+        let (registry, hurry) = (&self.shared.registry, &self.shared.hurry);
+        let hurried = runtime.block_on(async {
+            tokio::select! {
+                _ = tokio::time::timeout(wait, registry.emptied()) => false,
+                () = hurry.notified() => true,
+            }
+        });
+        if !registry.is_empty() {
+            let why = match hurried {
+                true => "told to stop at once".to_owned(),
+                false => format!("still closing after {:.1}s", wait.as_secs_f64()),
+            };
+            log::warn!(target: "servercore", "{} sessions {why}; cutting them off", registry.len());
         }
         // Tasks still running are dropped here; each one's farewell reports it.
         runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    /// No new sessions from now on (a server closes its listening socket);
+    /// the open ones go on. Idempotent.
+    pub fn stop_accepting(&mut self) {
+        if let Some(accept) = self.accept_task.take() {
+            accept.abort();
+        }
     }
 }
 

@@ -167,9 +167,11 @@ class Service:
         Returns the number of events handled. Callbacks must not call poll()
         themselves, and only one thread may poll a service.
         """
-    def run_forever(self) -> None:
-        """Poll until `stop()` is called from a callback or another thread;
-        returns after the last `on_disconnected` has run."""
+    def run_forever(self, *, on_stopping: Callable[[], object] | None = None) -> None:
+        """Poll until `stop()`, then deliver every `on_disconnected` and return.
+        On the main thread, SIGTERM or SIGINT drains: no new sessions,
+        `on_stopping()`, every session flushes within `shutdown_grace`, then
+        returns; a second signal cuts the flushing short."""
     def stop(self) -> None:
         """Close every session (flushing, bounded by `linger`) and end the I/O
         threads; idempotent. The `on_disconnected` calls run on the polling
@@ -267,6 +269,7 @@ class SessionOptions(TypedDict, total=False):
     nodelay: bool
     inline_io: bool
     linger: float
+    shutdown_grace: float
 
 @type_check_only
 class ServerOptions(SessionOptions, total=False):

@@ -128,6 +128,7 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         "max_sessions" => config.max_sessions = count("max_sessions", value, MAX_SESSIONS)? as usize,
         "backlog" => config.backlog = count("backlog", value, BACKLOG)? as u32,
         "connect_timeout" => config.connect_timeout = seconds("connect_timeout", value, TIMEOUT)?,
+        "shutdown_grace" => config.shutdown_grace = seconds("shutdown_grace", value, WAIT)?,
         "max_packet_size" => {
             session.frame_limits.max_packet_size = count("max_packet_size", value, MAX_PACKET_SIZE)? as usize
         }

@@ -129,10 +129,20 @@ enum Driver {
     Asyncio = 2,
 }
 
-/// Shuts `engine` down (sessions flush and close, every `Disconnected` is
-/// queued), then moves the service to `Stopped` and wakes its poll.
-fn stop_engine(mut engine: Engine, reason: DisconnectReason, lifecycle: &Lifecycle, shared: &ServiceShared) {
-    engine.service_mut().shutdown(reason);
+/// Shuts `engine` down (sessions flush and close, within `grace` if given,
+/// else the linger; every `Disconnected` is queued), then moves the service
+/// to `Stopped` and wakes its poll.
+fn stop_engine(
+    mut engine: Engine,
+    reason: DisconnectReason,
+    grace: Option<Duration>,
+    lifecycle: &Lifecycle,
+    shared: &ServiceShared,
+) {
+    match grace {
+        Some(grace) => engine.service_mut().shutdown_within(reason, grace),
+        None => engine.service_mut().shutdown(reason),
+    }
     drop(engine);
     lifecycle.advance(Phase::Stopped);
     // A poll waiting on another thread (or an asyncio loop) looks up and delivers the rest.
@@ -383,7 +393,7 @@ impl PyService {
     fn shut_down_engine(&self, py: Python<'_>, started: &Started) {
         match self.take_engine(py) {
             Some(engine) => {
-                py.detach(|| stop_engine(engine, self.stop_reason, &self.lifecycle, &started.shared))
+                py.detach(|| stop_engine(engine, self.stop_reason, None, &self.lifecycle, &started.shared))
             }
             None => py.detach(|| self.lifecycle.wait_for(Phase::Stopped)),
         }
@@ -392,12 +402,12 @@ impl PyService {
     /// `stop()` on an asyncio loop's thread: the engine shuts down on a thread
     /// of its own while the loop goes on delivering; the loop finishes once it
     /// is down. Blocking here would stall every other task for the linger.
-    fn shut_down_engine_in_background(&self, py: Python<'_>, started: &Started) {
+    fn shut_down_engine_in_background(&self, py: Python<'_>, started: &Started, grace: Option<Duration>) {
         let Some(engine) = self.take_engine(py) else { return };
         let (reason, lifecycle, shared) = (self.stop_reason, self.lifecycle.clone(), started.shared.clone());
         let stopper = std::thread::Builder::new()
             .name("servercore-stop".into())
-            .spawn(move || stop_engine(engine, reason, &lifecycle, &shared));
+            .spawn(move || stop_engine(engine, reason, grace, &lifecycle, &shared));
         if let Err(error) = stopper {
             // The closure, and the engine in it, were dropped: the engine's
             // own drop shut it down, here.
@@ -452,8 +462,29 @@ impl PyService {
     }
 
     /// Polls until `stop()` is called (from a callback or another thread), then
-    /// delivers every `on_disconnected` and returns.
-    fn run_forever(&self, py: Python<'_>) -> PyResult<()> {
+    /// delivers every `on_disconnected` and returns. On the main thread,
+    /// SIGTERM and SIGINT drain the service meanwhile (`servercore/_drain.py`):
+    /// no new sessions, `on_stopping()`, every session flushes within
+    /// `shutdown_grace`; a second signal cuts the flushing short.
+    #[pyo3(signature = (*, on_stopping=None))]
+    fn run_forever<'py>(
+        slf: &Bound<'py, Self>,
+        on_stopping: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(hook) = on_stopping.filter(|hook| !hook.is_callable()) {
+            return Err(PyTypeError::new_err(format!(
+                "on_stopping must be callable, got {}",
+                options::type_name(hook)
+            )));
+        }
+        let py = slf.py();
+        py.import(intern!(py, "servercore._drain"))?
+            .call_method1(intern!(py, "run_forever"), (slf, on_stopping))
+    }
+
+    /// For `run_forever()`: polls until the service has stopped, then delivers
+    /// the rest.
+    fn _serve(&self, py: Python<'_>) -> PyResult<()> {
         let started = self.started()?;
         self.claim(Driver::Blocking)?;
         let mut delivery = started.dispatcher.begin_delivery()?;
@@ -476,7 +507,7 @@ impl PyService {
             return Ok(());
         };
         if self.driven_by(Driver::Asyncio) && self.on_polling_thread() {
-            self.shut_down_engine_in_background(py, started);
+            self.shut_down_engine_in_background(py, started, None);
             return logging::flush(py);
         }
         self.shut_down_engine(py, started);
@@ -521,6 +552,44 @@ impl PyService {
             started.shared.interrupt_wait();
         }
         Ok(())
+    }
+
+    /// For `run_forever()`'s first SIGTERM or SIGINT, on the polling thread:
+    /// no new sessions; `on_stopping()` (an exception is logged); then the
+    /// engine shuts down on a thread of its own, every session flushing within
+    /// `shutdown_grace`, while this thread goes on delivering.
+    fn _begin_drain(&self, py: Python<'_>, on_stopping: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let started = self.started()?;
+        if let Some(engine) = self.engine.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            engine.service_mut().stop_accepting();
+        }
+        if let Some(hook) = on_stopping {
+            if let Err(error) = hook.call0() {
+                if !error.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                    return Err(error);
+                }
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("exc_info", error.into_value(py))?;
+                let message = "on_stopping raised; draining anyway";
+                logging::logger(py)?.call_method(intern!(py, "error"), (message,), Some(&kwargs))?;
+            }
+        }
+        self.shut_down_engine_in_background(py, started, Some(self.config.shutdown_grace));
+        logging::flush(py)
+    }
+
+    /// For `run_forever()`'s second signal: the drain stops waiting for
+    /// sessions to flush; they are cut now, each reported.
+    fn _hurry_drain(&self) {
+        if let Some(started) = self.started.get() {
+            started.shared.hurry_shutdown();
+        }
+    }
+
+    /// The seconds a drain gives sessions to flush (the `shutdown_grace` option).
+    #[getter]
+    fn _shutdown_grace(&self) -> f64 {
+        self.config.shutdown_grace.as_secs_f64()
     }
 
     /// Serves until `stop()` (from a callback, a task or another thread), on
