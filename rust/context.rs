@@ -8,12 +8,26 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
+
 use crate::config::SessionConfig;
-use crate::events::EventQueue;
+use crate::events::{EventQueue, SessionId};
 use crate::reason::DisconnectReason;
 use crate::stats::ServiceStats;
+
+/// A group sessions belong to (a room), told when one of them ends so that
+/// it forgets it. Groups are defined above ([`room`](crate::room)); sessions
+/// only need to know that they are in some.
+pub trait Membership: Send + Sync {
+    fn forget(&self, session: SessionId);
+}
+
+/// The groups each session is in, for the sessions that are in any: kept
+/// here rather than in each handle, which ten thousand idle players pay for.
+type Memberships = FxHashMap<SessionId, Vec<Weak<dyn Membership>>>;
 
 /// No shutdown grace set: sessions closed by a shutdown linger as any other.
 const NO_GRACE: u64 = u64::MAX;
@@ -25,6 +39,7 @@ pub struct SessionContext {
     /// The linger of sessions a graceful shutdown closes, in nanoseconds
     /// (`NO_GRACE`: the configured linger).
     shutdown_grace: AtomicU64,
+    memberships: Mutex<Memberships>,
 }
 
 impl SessionContext {
@@ -34,6 +49,7 @@ impl SessionContext {
             stats: ServiceStats::default(),
             events: EventQueue::new()?,
             shutdown_grace: AtomicU64::new(NO_GRACE),
+            memberships: Mutex::default(),
         })
     }
 
@@ -51,6 +67,11 @@ impl SessionContext {
     pub fn set_shutdown_grace(&self, grace: Duration) {
         let nanos = u64::try_from(grace.as_nanos()).unwrap_or(NO_GRACE - 1);
         self.shutdown_grace.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The groups of every session (see [`SessionHandle::join`](crate::session::SessionHandle::join)).
+    pub(crate) fn lock_memberships(&self) -> MutexGuard<'_, Memberships> {
+        self.memberships.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The largest packet a session sends or accepts, header included.

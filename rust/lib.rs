@@ -25,6 +25,7 @@
 //! - [`coalesce`]: sends made during a batch of callbacks wake each writer once.
 //! - [`connection`]: a connection's driver, which owns the socket.
 //! - [`registry`]: the open sessions and the broadcast over them.
+//! - [`room`]: groups of sessions to broadcast to; a session leaves them when it ends.
 //! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
 //! - [`inbox`]: the application's end of the events, and what it owes for each.
 //! - [`service`]: the runtime, the accept loop, the N-session client, shutdown.
@@ -45,6 +46,7 @@ pub mod reactor;
 pub mod reason;
 pub mod recv_buffer;
 pub mod registry;
+pub mod room;
 pub mod send_buffer;
 pub mod send_queue;
 pub mod service;

@@ -875,9 +875,11 @@ impl Drop for Task {
 /// Ends a connection: dropping it closes the socket and queues its
 /// `Disconnected`; then it leaves the registry.
 fn retire(connection: Connection, registry: &SessionRegistry) {
-    let id = connection.handle().id();
+    let handle = connection.handle().clone();
     drop(connection);
-    registry.remove(id);
+    // Out of its rooms before it is out of the service: nothing is sent to it after.
+    handle.leave_all();
+    registry.remove(handle.id());
 }
 
 #[cfg(test)]

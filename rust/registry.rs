@@ -85,22 +85,10 @@ impl SessionRegistry {
         exclude: Option<SessionId>,
         unsent_bytes: &AtomicUsize,
     ) -> BroadcastOutcome {
-        let mut outcome = BroadcastOutcome::default();
         let state = self.read();
-        let most = state.sessions.len() * packet.len();
-        unsent_bytes.fetch_add(most, Ordering::Relaxed);
-        for (id, handle) in &state.sessions {
-            if Some(*id) == exclude || !handle.is_announced() {
-                continue;
-            }
-            match handle.enqueue_for_driver(packet.clone()) {
-                Push::Queued => outcome.queued += 1,
-                Push::Full => outcome.overflowed += 1,
-                Push::Closed => {}
-            }
-        }
-        unsent_bytes.fetch_sub(most - outcome.queued * packet.len(), Ordering::Relaxed);
-        outcome
+        let recipients =
+            state.sessions.iter().filter(|(id, handle)| Some(**id) != exclude && handle.is_announced());
+        fan_out(recipients.map(|(_, handle)| handle), state.sessions.len(), packet, unsent_bytes)
     }
 
     /// Refuses new sessions from now on and asks every open one to close.
@@ -138,4 +126,27 @@ impl SessionRegistry {
     fn write(&self) -> RwLockWriteGuard<'_, RegistryState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Queues one shared packet on each of `recipients` (at most `most` of them).
+/// `unsent_bytes` is the service's gauge of queued bytes; it is raised before
+/// the packet is queued, since writers may take it off at once.
+pub fn fan_out<'a>(
+    recipients: impl Iterator<Item = &'a Arc<SessionHandle>>,
+    most: usize,
+    packet: &Bytes,
+    unsent_bytes: &AtomicUsize,
+) -> BroadcastOutcome {
+    let mut outcome = BroadcastOutcome::default();
+    let most = most * packet.len();
+    unsent_bytes.fetch_add(most, Ordering::Relaxed);
+    for handle in recipients {
+        match handle.enqueue_for_driver(packet.clone()) {
+            Push::Queued => outcome.queued += 1,
+            Push::Full => outcome.overflowed += 1,
+            Push::Closed => {}
+        }
+    }
+    unsent_bytes.fetch_sub(most - outcome.queued * packet.len(), Ordering::Relaxed);
+    outcome
 }

@@ -11,8 +11,8 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use socket2::SockRef;
@@ -29,6 +29,8 @@ use crate::stats::ServiceStats;
 /// Event bookkeeping per received packet run, on top of its bytes, when weighing
 /// how much a session has waiting for the application.
 pub(crate) const EVENT_OVERHEAD: usize = 64;
+
+pub use crate::context::Membership;
 
 pub struct SessionHandle {
     id: SessionId,
@@ -77,6 +79,43 @@ impl SessionHandle {
     /// Open: not closing and not closed.
     pub fn is_connected(&self) -> bool {
         self.queue.is_open()
+    }
+
+    /// Joins `group`: runs `insert` (which adds the session to the group and
+    /// says whether it was new) unless the session is closing or closed, and
+    /// if it was new, remembers the group, so that the session leaves it when
+    /// it ends. Under the service's membership lock, which the end takes too
+    /// ([`leave_all`](Self::leave_all)), after the session was closed: so a
+    /// session never stays behind in a group.
+    pub fn join(&self, group: Weak<dyn Membership>, insert: impl FnOnce() -> bool) -> bool {
+        let mut memberships = self.context.lock_memberships();
+        if !self.is_connected() || !insert() {
+            return false;
+        }
+        memberships.entry(self.id).or_default().push(group);
+        true
+    }
+
+    /// Leaves `group`: runs `remove` (which takes the session out of it) and
+    /// forgets the group.
+    pub fn part<R>(&self, group: &Weak<dyn Membership>, remove: impl FnOnce() -> R) -> R {
+        let mut memberships = self.context.lock_memberships();
+        if let Some(groups) = memberships.get_mut(&self.id) {
+            groups.retain(|joined| !Weak::ptr_eq(joined, group));
+            if groups.is_empty() {
+                memberships.remove(&self.id);
+            }
+        }
+        remove()
+    }
+
+    /// The session has ended (it is closed, so it joins nothing after this):
+    /// it leaves every group it is in.
+    pub(crate) fn leave_all(&self) {
+        let groups = self.context.lock_memberships().remove(&self.id).unwrap_or_default();
+        for group in groups.iter().filter_map(Weak::upgrade) {
+            group.forget(self.id);
+        }
     }
 
     /// Bytes queued and not yet taken by the kernel.

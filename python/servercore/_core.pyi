@@ -1,6 +1,6 @@
 """The native engine of servercore (Rust, tokio, PyO3). Import from `servercore`."""
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Final, TypedDict, TypeVar, final, overload, type_check_only
 
@@ -16,6 +16,7 @@ __all__ = [
     "MAX_PACKET_SIZE",
     "Client",
     "PacketSession",
+    "Room",
     "SendBuffer",
     "Server",
     "Service",
@@ -237,6 +238,32 @@ class Service:
         tb: TracebackType | None,
     ) -> bool:
         """Stop, as cancelling `serve_forever()` does, without blocking the loop."""
+
+@final
+class Room:
+    """A group of one service's sessions to broadcast to (a room, a zone, a
+    party), kept in the engine. A session may be in many rooms, and leaves
+    every one by itself when it ends, before its `on_disconnected`."""
+
+    def __init__(self) -> None: ...
+    def add(self, session: Session) -> bool:
+        """Whether `session` is a new member (False: it was one, or has ended).
+        ValueError if the room holds another service's sessions."""
+    def remove(self, session: Session) -> bool:
+        """Whether it was a member."""
+    def clear(self) -> None: ...
+    @overload
+    def broadcast(self, packet: SendBuffer, payload: None = None, /, *, exclude: Session | None = None) -> int: ...
+    @overload
+    def broadcast(self, packet: int, payload: Buffer, /, *, exclude: Session | None = None) -> int: ...
+    @overload
+    def broadcast(self, packet: Buffer, payload: None = None, /, *, exclude: Session | None = None) -> int:
+        """Queue one packet on every member (encoded once, shared), as
+        `Service.broadcast`; returns how many sessions it was queued on."""
+    def __contains__(self, session: object, /) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Any]:
+        """The members' session objects, in the order they connected (a snapshot)."""
 
 @final
 class Timer:

@@ -7,11 +7,13 @@
 //! - [`session_class`]: a session class's framing, and how its callbacks are called.
 //! - [`dispatcher`]: engine events turned into callbacks inside `poll()`.
 //! - [`scheduler`]: timers and posted calls, run by the polling thread with the callbacks.
+//! - [`room`]: `Room`, a group of sessions to broadcast to.
 //! - [`logging`]: the engine's log records, emitted through Python's `logging`.
 
 mod dispatcher;
 mod logging;
 mod options;
+mod room;
 mod scheduler;
 mod send_buffer;
 mod service;
@@ -32,6 +34,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<service::PyServer>()?;
     module.add_class::<service::PyClient>()?;
     module.add_class::<scheduler::PyTimer>()?;
+    module.add_class::<room::PyRoom>()?;
     // The engine's reasons, by code; servercore.DisconnectReason is checked against it.
     let reasons: Vec<(u8, &str)> = DisconnectReason::ALL.iter().map(|r| (r.code(), r.name())).collect();
     module.add("DISCONNECT_REASONS", reasons)?;

@@ -60,6 +60,12 @@ impl PySession {
         Ok(self.handle()?.id().0)
     }
 
+    /// The session's handle, counted: for what keeps it (a room).
+    pub fn handle_arc(&self) -> PyResult<Arc<SessionHandle>> {
+        let handle = self.handle()?;
+        Ok(Arc::clone(&handle))
+    }
+
     fn handle(&self) -> PyResult<HandleRef<'_>> {
         self.handle.get().ok_or_else(|| {
             PyRuntimeError::new_err(
