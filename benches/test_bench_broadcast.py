@@ -8,6 +8,10 @@ starts with empty queues and the drainer never competes with the timed call.
 - servercore: `server.broadcast(1, payload)`: encodes once and queues the
   packet on every session; the I/O thread writes it afterwards, off this
   thread (as benches/broadcast_cost.py measures).
+- servercore room: `room.broadcast(1, payload)` on a `Room` holding every
+  session: the same fan-out, over the room's members instead of the
+  server's sessions (the toolkit's claim: a room costs what a server-wide
+  broadcast costs per recipient).
 - asyncio / uvloop: `transport.write(packet)` for every transport, the packet
   encoded once, run on the loop (`run_until_complete` of the broadcast
   coroutine, so uvloop's deferred writes are included): this thread makes
@@ -34,7 +38,7 @@ from bench_support import (
     wait_until,
 )
 
-from servercore import PacketSession, Server
+from servercore import PacketSession, Room, Server
 
 PEERS = 1000
 SIZE = 64
@@ -77,6 +81,30 @@ def test_broadcast_servercore(benchmark: Any, servercore_peers: tuple[Server, Dr
 
     def broadcast() -> None:
         owed[0] = server.broadcast(1, PAYLOAD) * WIRE_SIZE
+
+    benchmark.pedantic(broadcast, setup=setup, rounds=300, warmup_rounds=10)
+    setup()
+    stats = server.stats()
+    assert not any(stats["disconnects"].values()), stats["disconnects"]
+    assert stats["send_queue_bytes"] == 0
+    record_per_unit(benchmark, PEERS, "per_recipient")
+
+
+@pytest.mark.benchmark(group=GROUP)
+def test_broadcast_servercore_room(benchmark: Any, servercore_peers: tuple[Server, Drainer]) -> None:
+    server, drainer = servercore_peers
+    room = Room()
+    for session in server.sessions:
+        room.add(session)
+    assert len(room) == PEERS
+    owed = [0]
+
+    def setup() -> None:
+        drainer.drain(owed[0])
+        owed[0] = 0
+
+    def broadcast() -> None:
+        owed[0] = room.broadcast(1, PAYLOAD) * WIRE_SIZE
 
     benchmark.pedantic(broadcast, setup=setup, rounds=300, warmup_rounds=10)
     setup()
