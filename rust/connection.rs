@@ -699,7 +699,13 @@ impl Drop for Farewell {
         context.stats.count_disconnect(reason);
         let warn = reason.is_fault() || self.linger_expired;
         let level = if warn { log::Level::Warn } else { log::Level::Debug };
-        let detail = self.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+        let said = context.take_close_detail(handle.id());
+        let detail = match (said, self.detail.as_deref()) {
+            (Some(said), Some(ours)) => format!(": {said}; {ours}"),
+            (Some(said), None) => format!(": {said}"),
+            (None, Some(ours)) => format!(": {ours}"),
+            (None, None) => String::new(),
+        };
         log::log!(
             target: "servercore",
             level,

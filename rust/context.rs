@@ -40,6 +40,10 @@ pub struct SessionContext {
     /// (`NO_GRACE`: the configured linger).
     shutdown_grace: AtomicU64,
     memberships: Mutex<Memberships>,
+    /// What the application said when it closed a session for a fault
+    /// ([`SessionHandle::close_with_detail`](crate::session::SessionHandle::close_with_detail)),
+    /// until the session's farewell line says it.
+    close_details: Mutex<FxHashMap<SessionId, String>>,
 }
 
 impl SessionContext {
@@ -50,6 +54,7 @@ impl SessionContext {
             events: EventQueue::new()?,
             shutdown_grace: AtomicU64::new(NO_GRACE),
             memberships: Mutex::default(),
+            close_details: Mutex::default(),
         })
     }
 
@@ -72,6 +77,15 @@ impl SessionContext {
     /// The groups of every session (see [`SessionHandle::join`](crate::session::SessionHandle::join)).
     pub(crate) fn lock_memberships(&self) -> MutexGuard<'_, Memberships> {
         self.memberships.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn put_close_detail(&self, session: SessionId, detail: String) {
+        self.close_details.lock().unwrap_or_else(|e| e.into_inner()).insert(session, detail);
+    }
+
+    pub(crate) fn take_close_detail(&self, session: SessionId) -> Option<String> {
+        let mut details = self.close_details.lock().unwrap_or_else(|e| e.into_inner());
+        if details.is_empty() { None } else { details.remove(&session) }
     }
 
     /// The largest packet a session sends or accepts, header included.

@@ -32,10 +32,13 @@ pub enum DisconnectReason {
     ServerShutdown = 11,
     /// The peer sent more packets per second than `max_packets_per_second`.
     RateLimited = 12,
+    /// A packet's payload did not match its declared layout (the application
+    /// said so: short, trailing bytes, invalid UTF-8, a count past its limit).
+    MalformedPacket = 13,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 12] = [
+    pub const ALL: [DisconnectReason; 13] = [
         DisconnectReason::ClosedByPeer,
         DisconnectReason::Reset,
         DisconnectReason::ClosedLocally,
@@ -48,6 +51,7 @@ impl DisconnectReason {
         DisconnectReason::CallbackError,
         DisconnectReason::ServerShutdown,
         DisconnectReason::RateLimited,
+        DisconnectReason::MalformedPacket,
     ];
 
     pub fn code(self) -> u8 {
@@ -73,6 +77,7 @@ impl DisconnectReason {
             DisconnectReason::CallbackError => "CALLBACK_ERROR",
             DisconnectReason::ServerShutdown => "SERVER_SHUTDOWN",
             DisconnectReason::RateLimited => "RATE_LIMITED",
+            DisconnectReason::MalformedPacket => "MALFORMED_PACKET",
         }
     }
 
@@ -120,7 +125,7 @@ mod tests {
             assert_eq!(DisconnectReason::from_code(reason.code()), Some(*reason));
         }
         assert_eq!(DisconnectReason::from_code(0), None);
-        assert_eq!(DisconnectReason::from_code(13), None);
+        assert_eq!(DisconnectReason::from_code(14), None);
     }
 
     #[test]

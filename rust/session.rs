@@ -256,6 +256,18 @@ impl SessionHandle {
         self.queue.request_close(reason)
     }
 
+    /// [`close`](Self::close) for a fault the application found (a malformed
+    /// packet): `detail` is said in the session's one farewell log line.
+    pub fn close_with_detail(&self, reason: DisconnectReason, detail: String) -> bool {
+        // Before the close: the farewell may follow at once on an I/O thread.
+        self.context.put_close_detail(self.id, detail);
+        let first = self.close(reason);
+        if !first {
+            self.context.take_close_detail(self.id);
+        }
+        first
+    }
+
     /// Whether events from the peer should still reach the application.
     pub fn delivers(&self) -> bool {
         !self.delivery_stopped.load(Ordering::Acquire)

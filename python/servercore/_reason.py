@@ -36,6 +36,9 @@ class DisconnectReason(enum.IntEnum):
     """``server.stop()``."""
     RATE_LIMITED = 12
     """More packets per second than ``max_packets_per_second``."""
+    MALFORMED_PACKET = 13
+    """A typed packet's payload did not match its layout (short, trailing
+    bytes, invalid UTF-8, a count past its limit); its handler never ran."""
 
     def __str__(self) -> str:
         return self.name

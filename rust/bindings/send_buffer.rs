@@ -120,9 +120,15 @@ pub fn with_wire_parts<R>(
     }
     match framing {
         Framing::Packets => {
-            let payload = payload.ok_or_else(|| alone(first))?;
-            let id = options::packet_id(first)?;
-            with_payload(payload, |data| {
+            let typed = match payload {
+                None => typed_packet(first)?,
+                Some(_) => None,
+            };
+            let (id, payload) = match (typed, payload) {
+                (Some((id, encoded)), _) => (id, encoded),
+                (None, payload) => (options::packet_id(first)?, payload.ok_or_else(|| alone(first))?.clone()),
+            };
+            with_payload(&payload, |data| {
                 check_packet_size(data.len(), max_packet_size)?;
                 Ok(f(&[&encode_header(id, data.len()), data], None))
             })?
@@ -137,6 +143,19 @@ pub fn with_wire_parts<R>(
             })?
         }
     }
+}
+
+/// A typed packet (`servercore.packets.Packet`) encodes itself: its
+/// `__servercore_packet__()` gives `(packet_id, payload)`. None for anything
+/// that is not one (an int, a buffer).
+fn typed_packet<'py>(packet: &Bound<'py, PyAny>) -> PyResult<Option<(u16, Bound<'py, PyAny>)>> {
+    if packet.is_instance_of::<PyInt>() {
+        return Ok(None);
+    }
+    let py = packet.py();
+    let Ok(encode) = packet.getattr(pyo3::intern!(py, "__servercore_packet__")) else { return Ok(None) };
+    let (id, payload): (Bound<'py, PyAny>, Bound<'py, PyAny>) = encode.call0()?.extract()?;
+    Ok(Some((options::packet_id(&id)?, payload)))
 }
 
 fn alone(packet: &Bound<'_, PyAny>) -> PyErr {
@@ -198,6 +217,11 @@ fn packet_from_args(
             )));
         }
         return Ok(buffer.bytes.clone());
+    }
+    if payload.is_none()
+        && let Some((id, payload)) = typed_packet(packet)?
+    {
+        return encode(id, &payload, max_packet_size);
     }
     let payload = payload.ok_or_else(|| alone(packet))?;
     encode(options::packet_id(packet)?, payload, max_packet_size)

@@ -126,6 +126,13 @@ impl PySession {
         Ok(self.handle()?.close(DisconnectReason::ClosedLocally))
     }
 
+    /// For `servercore.packets.Router`: closes the session with
+    /// MALFORMED_PACKET, `detail` (which packet, what was wrong) in its one
+    /// farewell log line. Whether this call closed it.
+    fn _reject_malformed(&self, detail: String) -> PyResult<bool> {
+        Ok(self.handle()?.close_with_detail(DisconnectReason::MalformedPacket, detail))
+    }
+
     fn on_connected(&self) {}
 
     /// Raw sessions: called with every unconsumed byte so far; return how many

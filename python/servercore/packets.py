@@ -1,0 +1,538 @@
+"""Typed packets and handler routing: a packet is declared once, as a class.
+
+    from servercore.packets import Packet, Router, RoutedSession, Max, f32, u32
+
+    class Chat(Packet, id=1):
+        text: Annotated[str, Max(200)]
+
+    class Move(Packet, id=2):
+        x: f32
+        y: f32
+        seq: u32
+
+    lobby = Router()
+
+    @lobby.on(Chat)
+    def on_chat(session: RoutedSession, packet: Chat) -> None:
+        server.broadcast(Chat(text=packet.text))
+
+    class Player(RoutedSession):
+        router = lobby
+
+    server = Server(Player, port=7777, packet_ids=lobby.packet_ids)
+
+The wire layout follows the field order, little-endian throughout:
+
+| annotation | on the wire |
+|---|---|
+| `u8` `u16` `u32` `u64` `i8` `i16` `i32` `i64` | fixed-width integers |
+| `f32` `f64` | IEEE floats |
+| `bool` | one byte, 0 or 1 |
+| `str` | u16 byte count, then UTF-8 |
+| `bytes` | u16 byte count, then the bytes |
+| `list[T]` | u16 element count, then the elements |
+| `Annotated[list[T], Fixed(n)]` | exactly n elements, no count (T fixed-width) |
+| a `Struct` subclass | its fields, in place |
+
+`Annotated[str | bytes | list[T], Max(n)]` limits a length or count; it is
+checked before anything is allocated, when encoding and when decoding.
+Without `Max`, the u16 prefix bounds it (65535), and so does the packet
+size.
+
+Each class's encoder and decoder are generated once, when the class is made,
+as straight-line Python over precompiled `struct.Struct`s (runs of
+fixed-width fields are one `unpack_from`). A payload that does not match its
+layout raises `MalformedPacket` naming the packet and the field. When a
+`Router` dispatches, this closes the session with
+`DisconnectReason.MALFORMED_PACKET`, with one log line naming the peer and
+the packet, and the handler never runs.
+
+`session.send(packet)`, `server.broadcast(packet)` and
+`room.broadcast(packet)` accept packet objects: the engine asks the object
+for `__servercore_packet__()`, which is `(id, payload)`.
+"""
+
+from __future__ import annotations
+
+import struct
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from servercore._core import PacketSession
+
+__all__ = [
+    "Fixed",
+    "MalformedPacket",
+    "Max",
+    "Packet",
+    "RoutedSession",
+    "Router",
+    "Struct",
+    "f32",
+    "f64",
+    "i8",
+    "i16",
+    "i32",
+    "i64",
+    "u8",
+    "u16",
+    "u32",
+    "u64",
+]
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A fixed-width number on the wire (`struct` code)."""
+
+    code: str
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Max:
+    """The longest a `str`/`bytes` (in bytes) or a `list` (in elements) may be."""
+
+    limit: int
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A list of exactly this many fixed-width elements, sent without a count."""
+
+    count: int
+
+
+u8 = Annotated[int, Scalar("B", 0, 2**8 - 1)]
+u16 = Annotated[int, Scalar("H", 0, 2**16 - 1)]
+u32 = Annotated[int, Scalar("I", 0, 2**32 - 1)]
+u64 = Annotated[int, Scalar("Q", 0, 2**64 - 1)]
+i8 = Annotated[int, Scalar("b", -(2**7), 2**7 - 1)]
+i16 = Annotated[int, Scalar("h", -(2**15), 2**15 - 1)]
+i32 = Annotated[int, Scalar("i", -(2**31), 2**31 - 1)]
+i64 = Annotated[int, Scalar("q", -(2**63), 2**63 - 1)]
+f32 = Annotated[float, Scalar("f", float("-inf"), float("inf"))]
+f64 = Annotated[float, Scalar("d", float("-inf"), float("inf"))]
+BOOL = Scalar("?", 0, 1)
+U16_MAX = 2**16 - 1
+COUNT = struct.Struct("<H")
+
+
+class MalformedPacket(ValueError):
+    """A payload does not match its packet's layout."""
+
+
+# --- layouts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # "scalar", "fixed", "str", "bytes", "list", "struct"
+    scalar: Scalar | None = None  # scalar, fixed, and list of scalars
+    count: int = 0  # fixed
+    limit: int = U16_MAX  # str, bytes, list
+    element: Field | None = None  # list
+    struct_type: type[Struct] | None = None  # struct, and list of structs
+
+
+def _field(owner: type, name: str, annotation: Any) -> Field:
+    where = f"{owner.__name__}.{name}"
+    limit, fixed, scalar = U16_MAX, None, None
+    if typing.get_origin(annotation) is Annotated:
+        base, *extras = typing.get_args(annotation)
+        for extra in extras:
+            if isinstance(extra, Scalar):
+                scalar = extra
+            elif isinstance(extra, Max):
+                if not 0 <= extra.limit <= U16_MAX:
+                    raise TypeError(f"{where}: Max({extra.limit}) is out of 0..{U16_MAX}")
+                limit = extra.limit
+            elif isinstance(extra, Fixed):
+                fixed = extra.count
+        annotation = base
+    if scalar is not None:
+        return Field(name, "scalar", scalar=scalar)
+    if annotation is bool:
+        return Field(name, "scalar", scalar=BOOL)
+    if annotation is str:
+        return Field(name, "str", limit=limit)
+    if annotation is bytes:
+        return Field(name, "bytes", limit=limit)
+    if isinstance(annotation, type) and issubclass(annotation, Struct) and not issubclass(annotation, Packet):
+        return Field(name, "struct", struct_type=annotation)
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        element = _field(owner, f"{name}[]", item)
+        if fixed is not None:
+            if element.kind != "scalar":
+                raise TypeError(f"{where}: a Fixed({fixed}) array holds fixed-width numbers, not {item!r}")
+            return Field(name, "fixed", scalar=element.scalar, count=fixed)
+        if element.kind in ("fixed", "list"):
+            raise TypeError(f"{where}: lists of lists are not a wire type; wrap the inner list in a Struct")
+        return Field(name, "list", limit=limit, element=element,
+                     scalar=element.scalar if element.kind == "scalar" else None)
+    raise TypeError(
+        f"{where}: {annotation!r} is not a wire type; use u8..u64, i8..i64, f32, f64, bool, str, "
+        "bytes, list[...], Annotated[list[...], Fixed(n)] or a Struct subclass"
+    )
+
+
+class _Source:
+    """Generated code, line by line."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.names: dict[str, Any] = {"MalformedPacket": MalformedPacket, "COUNT": COUNT, "struct": struct}
+        self.counter = 0
+
+    def name(self, value: Any, prefix: str = "_k") -> str:
+        self.counter += 1
+        key = f"{prefix}{self.counter}"
+        self.names[key] = value
+        return key
+
+    def add(self, line: str, depth: int = 1) -> None:
+        self.lines.append("    " * depth + line)
+
+
+def _compile(cls: type[Struct], fields: list[Field]) -> None:
+    """Generates `cls._encode_into(self, out)` and `cls._decode_from(data, at)`."""
+    label = cls.__name__
+    enc, dec = _Source(), _Source()
+    enc.names["check_scalar"] = _check_scalar
+    dec.names["new"] = object.__new__
+    dec.names["cls"] = cls
+    dec.add("obj = new(cls)")
+    end = "len(data)"
+    run: list[Field] = []
+
+    def flush_run() -> None:
+        if not run:
+            return
+        layout = struct.Struct("<" + "".join(f"{f.count or ''}{f.scalar.code}" for f in run if f.scalar))
+        packer = enc.name(layout, "_s")
+        unpacker = dec.name(layout, "_s")
+        values = []
+        for f in run:
+            if f.kind == "fixed":
+                enc.add(f"if len(self.{f.name}) != {f.count}: raise ValueError("
+                        f"'{label}.{f.name}: ' + str(len(self.{f.name})) + ' elements, expected {f.count}')")
+                values.append(f"*self.{f.name}")
+            else:
+                values.append(f"self.{f.name}")
+        enc.add("try:")
+        enc.add(f"out += {packer}.pack({', '.join(values)})", 2)
+        enc.add("except struct.error as error:")
+        fields_checked = ", ".join(f"('{f.name}', self.{f.name}, {enc.name(f.scalar)})" for f in run
+                                   if f.kind == "scalar")
+        enc.add(f"check_scalar('{label}', [{fields_checked}]); raise ValueError('{label}: ' + str(error))", 2)
+        dec.add(f"if at + {layout.size} > {end}: raise MalformedPacket("
+                f"'{label}.{run[0].name}: ' + str({end} - at) + ' bytes left, the fixed fields need {layout.size}')")
+        dec.add(f"values = {unpacker}.unpack_from(data, at)")
+        dec.add(f"at += {layout.size}")
+        index = 0
+        for f in run:
+            if f.kind == "fixed":
+                dec.add(f"obj.{f.name} = list(values[{index}:{index + f.count}])")
+                index += f.count
+            else:
+                dec.add(f"obj.{f.name} = values[{index}]")
+                index += 1
+        run.clear()
+
+    def count_prefix(f: Field, what: str) -> None:
+        dec.add(f"if at + 2 > {end}: raise MalformedPacket('{label}.{f.name}: no room for its count')")
+        dec.add("(n,) = COUNT.unpack_from(data, at)")
+        dec.add("at += 2")
+        dec.add(f"if n > {f.limit}: raise MalformedPacket('{label}.{f.name}: ' + str(n) + ' {what}, over its limit of {f.limit}')")
+
+    for f in fields:
+        if f.kind in ("scalar", "fixed"):
+            run.append(f)
+            continue
+        flush_run()
+        if f.kind in ("str", "bytes"):
+            if f.kind == "str":
+                enc.add(f"b = self.{f.name}.encode()")
+            else:
+                enc.add(f"b = bytes(self.{f.name})")
+            enc.add(f"if len(b) > {f.limit}: raise ValueError('{label}.{f.name}: ' + str(len(b)) + ' bytes, over its limit of {f.limit}')")
+            enc.add("out += COUNT.pack(len(b)); out += b")
+            count_prefix(f, "bytes")
+            dec.add(f"if at + n > {end}: raise MalformedPacket('{label}.{f.name}: ' + str(n) + ' bytes announced, ' + str({end} - at) + ' left')")
+            if f.kind == "str":
+                dec.add("try:")
+                dec.add(f"obj.{f.name} = str(data[at:at + n], 'utf-8')", 2)
+                dec.add("except UnicodeDecodeError:")
+                dec.add(f"raise MalformedPacket('{label}.{f.name}: invalid UTF-8') from None", 2)
+            else:
+                dec.add(f"obj.{f.name} = bytes(data[at:at + n])")
+            dec.add("at += n")
+        elif f.kind == "struct":
+            assert f.struct_type is not None
+            enc.add(f"self.{f.name}._encode_into(out)")
+            dec.add("try:")
+            dec.add(f"obj.{f.name}, at = {dec.name(f.struct_type, '_t')}._decode_from(data, at)", 2)
+            dec.add("except MalformedPacket as error:")
+            dec.add(f"raise MalformedPacket('{label}.{f.name}: ' + str(error)) from None", 2)
+        elif f.kind == "list":
+            element = f.element
+            assert element is not None
+            enc.add(f"items = self.{f.name}")
+            enc.add(f"if len(items) > {f.limit}: raise ValueError('{label}.{f.name}: ' + str(len(items)) + ' elements, over its limit of {f.limit}')")
+            enc.add("out += COUNT.pack(len(items))")
+            count_prefix(f, "elements")
+            if element.kind == "scalar":
+                assert element.scalar is not None
+                code = element.scalar.code
+                size = struct.calcsize(code)
+                enc.add("try:")
+                enc.add(f"out += struct.pack('<' + str(len(items)) + '{code}', *items)", 2)
+                enc.add("except struct.error as error:")
+                enc.add(f"raise ValueError('{label}.{f.name}: ' + str(error)) from None", 2)
+                dec.add(f"if at + n * {size} > {end}: raise MalformedPacket('{label}.{f.name}: ' + str(n) + ' elements announced, ' + str({end} - at) + ' bytes left')")
+                dec.add(f"obj.{f.name} = list(struct.unpack_from('<' + str(n) + '{code}', data, at))")
+                dec.add(f"at += n * {size}")
+            elif element.kind == "struct":
+                assert element.struct_type is not None
+                t = dec.name(element.struct_type, "_t")
+                enc.add("for item in items: item._encode_into(out)")
+                dec.add("items = []")
+                dec.add("try:")
+                dec.add("for _ in range(n):", 2)
+                dec.add(f"item, at = {t}._decode_from(data, at)", 3)
+                dec.add("items.append(item)", 3)
+                dec.add("except MalformedPacket as error:")
+                dec.add(f"raise MalformedPacket('{label}.{f.name}[' + str(len(items)) + ']: ' + str(error)) from None", 2)
+                dec.add(f"obj.{f.name} = items")
+            else:  # str or bytes elements
+                is_str = element.kind == "str"
+                enc.add("for item in items:")
+                enc.add("b = item.encode()" if is_str else "b = bytes(item)", 2)
+                enc.add(f"if len(b) > {U16_MAX}: raise ValueError('{label}.{f.name}: an element of ' + str(len(b)) + ' bytes')", 2)
+                enc.add("out += COUNT.pack(len(b)); out += b", 2)
+                dec.add("items = []")
+                dec.add("for _ in range(n):")
+                dec.add(f"if at + 2 > {end}: raise MalformedPacket('{label}.{f.name}: an element has no room for its length')", 2)
+                dec.add("(m,) = COUNT.unpack_from(data, at)", 2)
+                dec.add("at += 2", 2)
+                dec.add(f"if at + m > {end}: raise MalformedPacket('{label}.{f.name}: an element of ' + str(m) + ' bytes, ' + str({end} - at) + ' left')", 2)
+                if is_str:
+                    dec.add("try:", 2)
+                    dec.add("items.append(str(data[at:at + m], 'utf-8'))", 3)
+                    dec.add("except UnicodeDecodeError:", 2)
+                    dec.add(f"raise MalformedPacket('{label}.{f.name}: invalid UTF-8') from None", 3)
+                else:
+                    dec.add("items.append(bytes(data[at:at + m]))", 2)
+                dec.add("at += m", 2)
+                dec.add(f"obj.{f.name} = items")
+    flush_run()
+    dec.add("return obj, at")
+    enc_source = "def _encode_into(self, out):\n" + "\n".join(enc.lines or ["    pass"]) + "\n"
+    dec_source = "def _decode_from(data, at):\n" + "\n".join(dec.lines) + "\n"
+    enc_scope, dec_scope = dict(enc.names), dict(dec.names)
+    exec(compile(enc_source, f"<{label} encoder>", "exec"), enc_scope)  # noqa: S102 - our own generated code
+    exec(compile(dec_source, f"<{label} decoder>", "exec"), dec_scope)  # noqa: S102
+    cls._encode_into = enc_scope["_encode_into"]  # type: ignore[method-assign]
+    cls._decode_from = staticmethod(dec_scope["_decode_from"])  # type: ignore[method-assign]
+
+
+def _check_scalar(label: str, values: list[tuple[str, Any, Scalar]]) -> None:
+    """After a failed pack: names the field whose value does not fit."""
+    for name, value, scalar in values:
+        if scalar is BOOL:
+            continue
+        kind = float if scalar.code in "fd" else int
+        if not isinstance(value, (int, float) if kind is float else int) or isinstance(value, bool) and kind is int:
+            raise TypeError(f"{label}.{name}: expected {kind.__name__}, got {type(value).__name__}")
+        if not scalar.low <= value <= scalar.high:
+            low, high = (scalar.low, scalar.high) if kind is float else (int(scalar.low), int(scalar.high))
+            raise ValueError(f"{label}.{name}: {value} is out of range {low}..{high}")
+
+
+# --- the classes --------------------------------------------------------------------
+
+
+class Struct:
+    """Fields sent in place inside a packet (a position, an item); declare
+    them as class annotations, as for a `Packet`."""
+
+    __fields__: ClassVar[tuple[str, ...]] = ()
+    __layout__: ClassVar[tuple[Field, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        own = [
+            name for name in cls.__dict__.get("__annotations__", {})
+            if typing.get_origin(hints[name]) is not ClassVar and hints[name] is not ClassVar
+        ]
+        inherited = list(getattr(cls, "__fields__", ()))
+        names = inherited + [name for name in own if name not in inherited]
+        layout = tuple(_field(cls, name, hints[name]) for name in names)
+        cls.__fields__ = tuple(names)
+        cls.__layout__ = layout
+        _compile(cls, list(layout))
+
+    def __init__(self, **values: Any) -> None:
+        missing = [name for name in self.__fields__ if name not in values]
+        extra = [name for name in values if name not in self.__fields__]
+        if missing or extra:
+            what = []
+            if missing:
+                what.append("missing " + ", ".join(missing))
+            if extra:
+                what.append("no field " + ", ".join(extra))
+            raise TypeError(f"{type(self).__name__}(): {'; '.join(what)}")
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def _encode_into(self, out: bytearray) -> None:  # generated per class
+        raise NotImplementedError
+
+    @staticmethod
+    def _decode_from(data: bytes, at: int) -> tuple[Any, int]:  # generated per class
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__fields__)
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__fields__)
+        return f"{type(self).__name__}({values})"
+
+
+P = TypeVar("P", bound="Packet")
+
+
+class Packet(Struct):
+    """A packet type: `class Chat(Packet, id=1): text: str`. Send it with
+    `session.send(Chat(text="hi"))`; a `Router` hands it to handlers decoded."""
+
+    packet_id: ClassVar[int]
+
+    def __init_subclass__(cls, id: int | None = None, **kwargs: Any) -> None:
+        if id is None:
+            raise TypeError(f"class {cls.__name__}(Packet, id=N): a packet needs its id (0..65535)")
+        if not isinstance(id, int) or not 0 <= id <= U16_MAX:
+            raise TypeError(f"{cls.__name__}: packet id must be an int in 0..65535, got {id!r}")
+        cls.packet_id = id
+        super().__init_subclass__(**kwargs)
+
+    def encode(self) -> bytes:
+        """The payload (without the 4-byte header)."""
+        out = bytearray()
+        self._encode_into(out)
+        return bytes(out)
+
+    def __servercore_packet__(self) -> tuple[int, bytes]:
+        out = bytearray()
+        self._encode_into(out)
+        return self.packet_id, out  # type: ignore[return-value]
+
+    @classmethod
+    def decode(cls: type[P], payload: bytes) -> P:
+        """The packet in `payload`; MalformedPacket if it does not match the layout."""
+        packet, end = cls._decode_from(payload, 0)
+        if end != len(payload):
+            raise MalformedPacket(f"{cls.__name__}: {len(payload) - end} trailing bytes")
+        return packet  # type: ignore[no-any-return]
+
+
+# --- routing ------------------------------------------------------------------------
+
+Handler = Callable[[Any, Any], "Awaitable[None] | None"]
+
+
+class Router:
+    """Packet types and their handlers: `@router.on(Chat) def on_chat(session, packet)`.
+
+    A session class that routes is a `RoutedSession` with `router = ...`; a
+    session switches routers (lobby -> game) with `self.router = game`,
+    from the next packet on. Give the server `packet_ids=router.packet_ids`
+    (the union, for several routers), so the engine cuts unknown ids before
+    Python sees them."""
+
+    def __init__(self, name: str = "router") -> None:
+        self.name = name
+        self._table: dict[int, tuple[Callable[[bytes], Any], Handler, str]] = {}
+
+    def on(self, packet_type: type[Packet], *, id: int | None = None) -> Callable[[Handler], Handler]:
+        """Registers the decorated function for `packet_type`. A protobuf
+        message class needs `id=`; its payload is the serialized message."""
+        packet_id, decode, label = _decoder(packet_type, id)
+        if packet_id in self._table:
+            raise ValueError(
+                f"{self.name}: packet id {packet_id} ({label}) already has a handler ({self._table[packet_id][2]})"
+            )
+
+        def register(handler: Handler) -> Handler:
+            if not callable(handler):
+                raise TypeError(f"{self.name}: a handler must be callable, got {type(handler).__name__}")
+            self._table[packet_id] = (decode, handler, label)
+            return handler
+
+        return register
+
+    @property
+    def packet_ids(self) -> frozenset[int]:
+        """The ids this router handles: the server's `packet_ids`."""
+        return frozenset(self._table)
+
+    def dispatch(self, session: PacketSession, packet_id: int, payload: bytes) -> Awaitable[None] | None:
+        """Decodes and hands one packet to its handler; a payload that does not
+        match closes the session MALFORMED_PACKET instead."""
+        entry = self._table.get(packet_id)
+        if entry is None:
+            session._reject_malformed(f"packet {packet_id}: no handler in {self.name}")  # type: ignore[attr-defined]
+            return None
+        decode, handler, label = entry
+        try:
+            packet = decode(payload)
+        except MalformedPacket as error:
+            session._reject_malformed(f"{label} (id {packet_id}): {error}")  # type: ignore[attr-defined]
+            return None
+        return handler(session, packet)
+
+
+def _decoder(packet_type: Any, packet_id: int | None) -> tuple[int, Callable[[bytes], Any], str]:
+    label = getattr(packet_type, "__name__", repr(packet_type))
+    if isinstance(packet_type, type) and issubclass(packet_type, Packet):
+        if packet_id is not None and packet_id != packet_type.packet_id:
+            raise ValueError(f"{label} has id {packet_type.packet_id}; id={packet_id} contradicts it")
+        return packet_type.packet_id, packet_type.decode, label
+    if hasattr(packet_type, "FromString") and hasattr(packet_type, "DESCRIPTOR"):  # a protobuf message
+        if packet_id is None or not 0 <= packet_id <= U16_MAX:
+            raise TypeError(f"{label} is a protobuf message: register it with id=N (0..65535)")
+        from_string = packet_type.FromString
+
+        def decode_protobuf(payload: bytes) -> Any:
+            try:
+                return from_string(payload)
+            except Exception as error:  # protobuf's DecodeError, without importing protobuf here
+                raise MalformedPacket(f"{label}: {error}") from None
+
+        return packet_id, decode_protobuf, label
+    raise TypeError(f"router.on() takes a Packet subclass or a protobuf message class, not {packet_type!r}")
+
+
+class RoutedSession(PacketSession):
+    """A PacketSession whose packets go through `router` (set it on the class,
+    or on a session to switch it)."""
+
+    router: Router
+
+    def on_recv_packet(self, packet_id: int, payload: bytes) -> Awaitable[None] | None:
+        return self.router.dispatch(self, packet_id, payload)
+
+
+def protobuf_packet(packet_id: int, message: Any) -> tuple[int, bytes]:
+    """`session.send(*protobuf_packet(5, message))`: a protobuf message as a packet."""
+    return packet_id, message.SerializeToString()
+

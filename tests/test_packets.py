@@ -1,0 +1,251 @@
+"""Typed packets and routing (python/servercore/packets.py).
+
+- A packet is declared once, as a class; every wire type round-trips.
+- session.send(packet), server.broadcast(packet) and room.broadcast(packet)
+  take packet objects; handlers get them decoded.
+- A payload that does not match its layout (short, trailing bytes, invalid
+  UTF-8, a count past its limit) closes that session MALFORMED_PACKET with
+  one log line naming the peer and the packet; the handler never sees it;
+  other sessions go on.
+- Limits are checked before allocation, and bad values are refused at the
+  call (TypeError/ValueError naming the field).
+- A Router refuses a second handler for a packet; its packet_ids feed the
+  server's; a session switches routers without a disconnect; async handlers
+  work on a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import Annotated
+
+import pytest
+
+from servercore import DisconnectReason, Room, Server
+from servercore.packets import (
+    Fixed,
+    MalformedPacket,
+    Max,
+    Packet,
+    RoutedSession,
+    Router,
+    Struct,
+    f32,
+    f64,
+    i8,
+    i16,
+    i32,
+    i64,
+    u8,
+    u16,
+    u32,
+    u64,
+)
+from support import RawPeer, connect, exchange, packet, poll_until, session_of
+
+BOTH_IO_PATHS = True
+
+
+class Vec2(Struct):
+    x: f32
+    y: f32
+
+
+class Chat(Packet, id=1):
+    text: Annotated[str, Max(100)]
+
+
+class Move(Packet, id=2):
+    to: Vec2
+    seq: u32
+
+
+class Everything(Packet, id=3):
+    small: u8
+    medium: u16
+    large: u32
+    huge: u64
+    tiny: i8
+    short: i16
+    int_: i32
+    long: i64
+    single: f32
+    double: f64
+    flag: bool
+    name: str
+    blob: Annotated[bytes, Max(16)]
+    scores: Annotated[list[u16], Max(4)]
+    color: Annotated[list[u8], Fixed(3)]
+    where: Vec2
+    path: list[Vec2]
+    tags: list[str]
+
+
+class EnterGame(Packet, id=4):
+    pass
+
+
+EVERYTHING = Everything(
+    small=255, medium=65535, large=2**32 - 1, huge=2**64 - 1, tiny=-128, short=-32768, int_=-(2**31),
+    long=-(2**63), single=1.5, double=-2.25, flag=True, name="héllo, 世界", blob=b"\x00\xff",
+    scores=[1, 2, 3, 4], color=[255, 128, 0], where=Vec2(x=0.5, y=-0.5),
+    path=[Vec2(x=1.0, y=2.0), Vec2(x=3.0, y=4.0)], tags=["", "a", "ünïcode"],
+)
+
+
+def test_every_wire_type_round_trips_and_the_layout_is_little_endian() -> None:
+    payload = EVERYTHING.encode()
+    assert Everything.decode(payload) == EVERYTHING
+    assert payload[:3] == b"\xff\xff\xff"  # u8 255, then u16 65535 little-endian
+    assert Move(to=Vec2(x=1.0, y=2.0), seq=7).encode() == struct.pack("<ffI", 1.0, 2.0, 7)
+    assert Chat(text="hi").encode() == b"\x02\x00hi"
+    assert EnterGame().encode() == b""
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x05\x00hi", r"Chat\.text: 5 bytes announced, 2 left"),
+        (b"\x02\x00hi!", r"Chat: 1 trailing bytes"),
+        (b"\x02\x00\xff\xfe", r"Chat\.text: invalid UTF-8"),
+        (b"\xff\x00" + b"a" * 255, r"Chat\.text: 255 bytes, over its limit of 100"),
+        (b"\x01", r"Chat\.text: no room for its count"),
+    ],
+)
+def test_a_payload_that_does_not_match_is_malformed_naming_the_field(payload: bytes, message: str) -> None:
+    with pytest.raises(MalformedPacket, match=message):
+        Chat.decode(payload)
+
+
+def test_a_count_past_its_limit_is_refused_before_anything_is_allocated() -> None:
+    # 65535 elements announced in a 6-byte payload: refused by the limit, not by running out.
+    with pytest.raises(MalformedPacket, match=r"Everything\.scores: 65535 elements, over its limit of 4"):
+        # 43 bytes of fixed fields, the name (2 + 14) and the blob (2 + 2): the scores' count is next.
+        Everything.decode(EVERYTHING.encode()[:63] + b"\xff\xff")
+    with pytest.raises(MalformedPacket, match=r"Move\.to: Vec2\.x: 4 bytes left, the fixed fields need 8"):
+        Move.decode(b"\x00" * 4)
+
+
+def test_bad_values_are_refused_at_the_call_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"Chat\.text: 101 bytes, over its limit of 100"):
+        Chat(text="x" * 101).encode()
+    with pytest.raises(ValueError, match=r"Move\.seq: -1 is out of range 0\.\.4294967295"):
+        Move(to=Vec2(x=0.0, y=0.0), seq=-1).encode()
+    with pytest.raises(TypeError, match=r"Move\.seq: expected int, got str"):
+        Move(to=Vec2(x=0.0, y=0.0), seq="7").encode()  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Everything\.color: 2 elements, expected 3"):
+        Everything(**{**vars(EVERYTHING), "color": [1, 2]}).encode()
+    with pytest.raises(TypeError, match=r"Chat\(\): missing text"):
+        Chat()
+    with pytest.raises(TypeError, match=r"Chat\(\): no field txt"):
+        Chat(text="", txt="")
+    with pytest.raises(TypeError, match=r"needs its id"):
+        type("NoId", (Packet,), {})
+    with pytest.raises(TypeError, match=r"is not a wire type"):
+        type("Bad", (Packet,), {"__annotations__": {"when": complex}}, id=9)
+
+
+def test_a_router_refuses_a_second_handler_and_gives_the_servers_packet_ids() -> None:
+    router = Router("lobby")
+    router.on(Chat)(lambda session, packet: None)
+    router.on(Move)(lambda session, packet: None)
+    with pytest.raises(ValueError, match=r"lobby: packet id 1 \(Chat\) already has a handler"):
+        router.on(Chat)
+    assert router.packet_ids == {1, 2}
+    with pytest.raises(TypeError, match="takes a Packet subclass or a protobuf message class"):
+        router.on(int)  # type: ignore[arg-type]
+
+
+def game_server(start_server: Callable[..., Server]) -> tuple[Server, type[RoutedSession], list[object]]:
+    """A lobby that echoes chat and sends moves to everyone; EnterGame
+    switches the session to the game router, which only takes moves."""
+    seen: list[object] = []
+    lobby, game = Router("lobby"), Router("game")
+    room = Room()
+
+    @lobby.on(Chat)
+    def on_chat(session: RoutedSession, chat: Chat) -> None:
+        seen.append(chat)
+        session.send(Chat(text=chat.text.upper()))
+
+    @lobby.on(EnterGame)
+    def enter(session: RoutedSession, _: EnterGame) -> None:
+        session.router = game
+        room.add(session)
+
+    @game.on(Move)
+    def on_move(session: RoutedSession, move: Move) -> None:
+        seen.append(move)
+        room.broadcast(move, exclude=session)
+
+    class Player(RoutedSession):
+        router = lobby
+
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            seen.append(reason)
+
+    server = start_server(Player, packet_ids=lobby.packet_ids | game.packet_ids)
+    return server, Player, seen
+
+
+def test_handlers_get_decoded_packets_and_send_packet_objects(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    server, _, seen = game_server(start_server)
+    (peer,) = connect(server, raw_peers)
+    assert exchange(server, peer, packet(1, Chat(text="hello").encode())) == (1, Chat(text="HELLO").encode())
+    assert seen == [Chat(text="hello")]
+    assert server.broadcast(Move(to=Vec2(x=1.0, y=1.0), seq=1)) == 1
+    assert peer.recv_packet() == (2, Move(to=Vec2(x=1.0, y=1.0), seq=1).encode())
+
+
+def test_a_session_switches_routers_without_a_disconnect(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    server, _, seen = game_server(start_server)
+    alice, bob = connect(server, raw_peers, count=2)
+    for peer in (alice, bob):
+        peer.send(packet(4))
+    poll_until(server, lambda: all(session.router.name == "game" for session in server.sessions))
+    move = Move(to=Vec2(x=3.0, y=4.0), seq=9)
+    alice.send(packet(2, move.encode()))
+    poll_until(server, lambda: move in seen)
+    assert bob.recv_packet() == (2, move.encode())
+    # In the game router chat has no handler: that session goes, the other stays.
+    alice.send(packet(1, Chat(text="hi").encode()))
+    poll_until(server, lambda: DisconnectReason.MALFORMED_PACKET in seen)
+    assert len(server) == 1
+
+
+def test_a_malformed_payload_closes_only_its_session_with_one_log_line(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _, seen = game_server(start_server)
+    bad, good = connect(server, raw_peers, count=2)
+    bad_session = session_of(server, bad)
+    with caplog.at_level(logging.DEBUG, logger="servercore"):
+        bad.send(packet(1, b"\x02\x00\xff\xfe"))
+        poll_until(server, lambda: DisconnectReason.MALFORMED_PACKET in seen)
+        assert bad.wait_closed(2)
+        assert exchange(server, good, packet(1, Chat(text="still here").encode())) == (
+            1, Chat(text="STILL HERE").encode()
+        )
+    assert seen[0] == DisconnectReason.MALFORMED_PACKET, "the handler saw the malformed packet"
+    lines = [r for r in caplog.records if "MALFORMED_PACKET" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    message = lines[0].getMessage()
+    assert f"session {bad_session.id} (127.0.0.1:" in message
+    assert "Chat (id 1): Chat.text: invalid UTF-8" in message
+    assert lines[0].levelno == logging.WARNING
+
+
+def test_ids_outside_every_router_are_cut_in_the_engine(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    server, _, seen = game_server(start_server)
+    (peer,) = connect(server, raw_peers)
+    peer.send(packet(99, b"?"))
+    poll_until(server, lambda: seen)
+    assert seen == [DisconnectReason.UNKNOWN_PACKET_ID]
