@@ -334,11 +334,37 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
     dec.add("return obj, at")
     enc_source = "def _encode_into(self, out):\n" + "\n".join(enc.lines or ["    pass"]) + "\n"
     dec_source = "def _decode_from(data, at):\n" + "\n".join(dec.lines) + "\n"
+    # A whole payload: all fixed-width fields are one exact-length unpack
+    # (the common case of a game's hot packets: moves, inputs); otherwise the
+    # general decoder, and no bytes may be left over.
+    fixed_only = all(f.kind in ("scalar", "fixed") for f in fields)
+    if fixed_only and all(f.kind == "scalar" for f in fields):
+        layout = struct.Struct("<" + "".join(f.scalar.code for f in fields if f.scalar))
+        whole = [
+            "def decode(data):",
+            f"    if len(data) != {layout.size}:",
+            f"        raise MalformedPacket('{label}: ' + str(len(data)) + ' bytes, its layout has {layout.size}')",
+            "    obj = new(cls)",
+            (f"    {', '.join('obj.' + f.name for f in fields)}{',' if len(fields) == 1 else ''} = whole.unpack(data)"
+             if fields else "    pass"),
+            "    return obj",
+        ]
+        dec.names["whole"] = layout
+    else:
+        whole = [
+            "def decode(data):",
+            "    obj, at = _decode_from(data, 0)",
+            "    if at != len(data):",
+            f"        raise MalformedPacket('{label}: ' + str(len(data) - at) + ' trailing bytes')",
+            "    return obj",
+        ]
+    dec_source += "\n".join(whole) + "\n"
     enc_scope, dec_scope = dict(enc.names), dict(dec.names)
     exec(compile(enc_source, f"<{label} encoder>", "exec"), enc_scope)  # noqa: S102 - our own generated code
     exec(compile(dec_source, f"<{label} decoder>", "exec"), dec_scope)  # noqa: S102
     cls._encode_into = enc_scope["_encode_into"]  # type: ignore[method-assign]
     cls._decode_from = staticmethod(dec_scope["_decode_from"])  # type: ignore[method-assign]
+    cls._decode_whole = staticmethod(dec_scope["decode"])
 
 
 def _check_scalar(label: str, values: list[tuple[str, Any, Scalar]]) -> None:
@@ -398,6 +424,8 @@ class Struct:
     def _decode_from(data: bytes, at: int) -> tuple[Any, int]:  # generated per class
         raise NotImplementedError
 
+    _decode_whole: ClassVar[Callable[[bytes], Any]]  # generated per class
+
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
@@ -439,10 +467,7 @@ class Packet(Struct):
     @classmethod
     def decode(cls: type[P], payload: bytes) -> P:
         """The packet in `payload`; MalformedPacket if it does not match the layout."""
-        packet, end = cls._decode_from(payload, 0)
-        if end != len(payload):
-            raise MalformedPacket(f"{cls.__name__}: {len(payload) - end} trailing bytes")
-        return packet  # type: ignore[no-any-return]
+        return cls._decode_whole(payload)  # type: ignore[no-any-return]
 
 
 # --- routing ------------------------------------------------------------------------
@@ -506,7 +531,7 @@ def _decoder(packet_type: Any, packet_id: int | None) -> tuple[int, Callable[[by
     if isinstance(packet_type, type) and issubclass(packet_type, Packet):
         if packet_id is not None and packet_id != packet_type.packet_id:
             raise ValueError(f"{label} has id {packet_type.packet_id}; id={packet_id} contradicts it")
-        return packet_type.packet_id, packet_type.decode, label
+        return packet_type.packet_id, packet_type._decode_whole, label
     if hasattr(packet_type, "FromString") and hasattr(packet_type, "DESCRIPTOR"):  # a protobuf message
         if packet_id is None or not 0 <= packet_id <= U16_MAX:
             raise TypeError(f"{label} is a protobuf message: register it with id=N (0..65535)")
@@ -529,7 +554,18 @@ class RoutedSession(PacketSession):
     router: Router
 
     def on_recv_packet(self, packet_id: int, payload: bytes) -> Awaitable[None] | None:
-        return self.router.dispatch(self, packet_id, payload)
+        # Router.dispatch, inlined: this runs for every packet.
+        router = self.router
+        entry = router._table.get(packet_id)
+        if entry is None:
+            return router.dispatch(self, packet_id, payload)
+        decode, handler, label = entry
+        try:
+            packet = decode(payload)
+        except MalformedPacket as error:
+            self._reject_malformed(f"{label} (id {packet_id}): {error}")  # type: ignore[attr-defined]
+            return None
+        return handler(self, packet)
 
 
 def protobuf_packet(packet_id: int, message: Any) -> tuple[int, bytes]:
