@@ -107,3 +107,48 @@ def test_the_example_test_of_the_pytest_plugin_passes(tmp_path: Path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout, result.stdout
+
+
+TYPED_DRIVER = '''
+import socket, struct, time
+def frame(packet_id, payload=b""):
+    return struct.pack("<HH", 4 + len(payload), packet_id) + payload
+def read_packet(sock):
+    head = b""
+    while len(head) < 4:
+        head += sock.recv(4 - len(head))
+    size, packet_id = struct.unpack("<HH", head)
+    body = b""
+    while len(body) < size - 4:
+        body += sock.recv(size - 4 - len(body))
+    return packet_id, body
+with server:
+    alice, bob = (socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2))
+    for sock in (alice, bob):
+        sock.sendall(frame(3))
+    deadline = time.monotonic() + 5
+    while len(everyone) < 2 and time.monotonic() < deadline:
+        server.poll(0.01)
+    alice.sendall(frame(1, Chat(text="hi all").encode()))
+    alice.sendall(frame(2, Move(to=Vec2(x=1.0, y=2.0), seq=5).encode()))
+    alice.sendall(frame(1, bytes([9, 0]) + b"short"))  # announces 9 bytes, carries 5
+    while server.stats()["disconnects"].get("MALFORMED_PACKET", 0) < 1 and time.monotonic() < deadline:
+        server.poll(0.01)
+    print(read_packet(bob))
+    print(read_packet(alice))
+    print(server.stats()["disconnects"]["MALFORMED_PACKET"], len(server))
+'''
+
+
+def test_the_typed_packets_example_routes_decodes_and_cuts_a_malformed_packet():
+    example = re.search(r"## Typed packets, routing and rooms\n.*?```python\n(.*?)```", README.read_text(), re.S)
+    assert example, "the README lost its typed packets example"
+    code = example.group(1).replace('"127.0.0.1", 7777', '"127.0.0.1", 0') + TYPED_DRIVER
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "(1, b'\\x06\\x00hi all')",
+        "(2, b'\\x00\\x00\\x80?\\x00\\x00\\x00@\\x05\\x00\\x00\\x00')",
+        "1 1",
+    ], result.stdout
+    assert "MALFORMED_PACKET: Chat (id 1): Chat.text: 9 bytes announced, 5 left" in result.stderr, result.stderr
