@@ -1,8 +1,10 @@
-"""The `servercore` command: the lecture's GameServer and DummyClient, and a demo.
+"""The `servercore` command: the lecture's GameServer and DummyClient, a demo,
+and the packet generator.
 
     servercore game-server [--host H] [--port P] [--tick SECONDS]
     servercore dummy-client [--host H] [--port P] [--clients N] [--print]
     servercore demo [--clients N] [--seconds S]
+    servercore gen DEFINITIONS -o OUT [--namespace NS]
 """
 
 from __future__ import annotations
@@ -213,6 +215,12 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    from servercore import gen
+
+    return gen.main(args.definitions, args.out, args.namespace)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="servercore", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log servercore's debug lines")
@@ -238,6 +246,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     both.add_argument("--clients", type=int, default=1000)
     both.add_argument("--seconds", type=float, default=2.0, help="how long to broadcast (default 2)")
     both.set_defaults(run=demo)
+
+    gen = commands.add_parser("gen", help="packet classes for Python and C# from one definition (TOML or a .py module)")
+    gen.add_argument("definitions", help="a .toml definition file, or a .py module of Packet classes")
+    gen.add_argument("-o", "--out", required=True, help="the directory to write into")
+    gen.add_argument("--namespace", default=None, help="the C# namespace (default: from the file's name)")
+    gen.set_defaults(run=generate)
     return parser.parse_args(argv)
 
 
