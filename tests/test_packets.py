@@ -249,3 +249,34 @@ def test_ids_outside_every_router_are_cut_in_the_engine(
     peer.send(packet(99, b"?"))
     poll_until(server, lambda: seen)
     assert seen == [DisconnectReason.UNKNOWN_PACKET_ID]
+
+
+def test_protobuf_messages_are_routed_by_id_too(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    from google.protobuf import wrappers_pb2
+
+    from servercore.packets import protobuf_packet
+
+    router = Router("proto")
+    got: list[object] = []
+    with pytest.raises(TypeError, match="register it with id=N"):
+        router.on(wrappers_pb2.StringValue)
+
+    @router.on(wrappers_pb2.StringValue, id=5)
+    def on_text(session: RoutedSession, message: wrappers_pb2.StringValue) -> None:
+        got.append(message.value)
+        session.send(*protobuf_packet(5, wrappers_pb2.StringValue(value=message.value[::-1])))
+
+    class Client(RoutedSession):
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            got.append(reason)
+
+    Client.router = router
+    server = start_server(Client, packet_ids=router.packet_ids)
+    good, bad = connect(server, raw_peers, count=2)
+    reply = exchange(server, good, packet(5, wrappers_pb2.StringValue(value="hello").SerializeToString()))
+    assert reply == (5, wrappers_pb2.StringValue(value="olleh").SerializeToString())
+    bad.send(packet(5, b"\xff\xff"))
+    poll_until(server, lambda: DisconnectReason.MALFORMED_PACKET in got)
+    assert got == ["hello", DisconnectReason.MALFORMED_PACKET] and len(server) == 1
