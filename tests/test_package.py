@@ -64,8 +64,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from typing import Annotated
+
 import servercore
-from servercore import Connection, DisconnectReason, Disconnected, PacketSession, Server
+from servercore import Connection, DisconnectReason, Disconnected, PacketSession, Room, Server
+from servercore.packets import Max, Packet, RoutedSession, Router, Struct, f32, u32
 from servercore.testing import TestClient
 
 
@@ -98,6 +101,27 @@ async def main() -> None:
         await asyncio.gather(server.serve_forever(), bot(server.port))
 
 
+class Vec2(Struct):
+    x: f32
+    y: f32
+
+
+class Move(Packet, id=2):
+    to: Vec2
+    seq: u32
+    note: Annotated[str, Max(20)]
+
+
+router = Router("game")
+world = Room()
+
+
+@router.on(Move)
+def on_move(session: RoutedSession, move: Move) -> None:
+    world.broadcast(Move(to=Vec2(x=move.to.x, y=1.0), seq=move.seq + 1, note="ok"), exclude=session)
+    session.send(move)
+
+
 def test_lobby(servercore_server: Callable[..., Server], servercore_client: Callable[..., TestClient]) -> None:
     client = servercore_client(servercore_server(Lobby))
     client.send(1, b"x")
@@ -113,3 +137,13 @@ def test_user_code_with_async_callbacks_connect_and_the_fixtures_type_checks_str
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_packet_field_of_the_wrong_type_is_a_type_error(tmp_path: Path):
+    (tmp_path / "user_code.py").write_text(USER_CODE + '\nbad = Move(to=Vec2(x=1.0, y=2.0), seq="7", note="x")\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(tmp_path / "user_code.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stdout
+    assert 'Argument "seq" to "Move" has incompatible type "str"; expected "int"' in result.stdout, result.stdout

@@ -2,13 +2,19 @@
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Final, TypedDict, TypeVar, final, overload, type_check_only
+from typing import Any, Final, Protocol, TypedDict, TypeVar, final, overload, type_check_only
 
 from typing_extensions import Buffer, Unpack, disjoint_base
 
 from servercore._reason import DisconnectReason
 
 _S = TypeVar("_S", bound="Service")
+
+@type_check_only
+class TypedPacket(Protocol):
+    """A packet object that encodes itself (`servercore.packets.Packet`)."""
+
+    def __servercore_packet__(self) -> tuple[int, Buffer]: ...
 
 __all__ = [
     "DISCONNECT_REASONS",
@@ -112,7 +118,7 @@ class PacketSession(Session):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PacketSession: ...
     @overload  # type: ignore[override]
-    def send(self, packet: SendBuffer, payload: None = None, /) -> bool: ...
+    def send(self, packet: SendBuffer | TypedPacket, payload: None = None, /) -> bool: ...
     @overload
     def send(self, packet: int, payload: Buffer, /) -> bool:
         """Queue a packet: `send(packet_id, payload)` or `send(send_buffer)`.
@@ -180,7 +186,9 @@ class Service:
         poll running there, which this waits for; else at that thread's next
         poll(). `running` is True until they have all run."""
     @overload
-    def broadcast(self, packet: SendBuffer, payload: None = None, /, *, exclude: Session | None = None) -> int: ...
+    def broadcast(
+        self, packet: SendBuffer | TypedPacket, payload: None = None, /, *, exclude: Session | None = None
+    ) -> int: ...
     @overload
     def broadcast(self, packet: int, payload: Buffer, /, *, exclude: Session | None = None) -> int: ...
     @overload
@@ -253,7 +261,9 @@ class Room:
         """Whether it was a member."""
     def clear(self) -> None: ...
     @overload
-    def broadcast(self, packet: SendBuffer, payload: None = None, /, *, exclude: Session | None = None) -> int: ...
+    def broadcast(
+        self, packet: SendBuffer | TypedPacket, payload: None = None, /, *, exclude: Session | None = None
+    ) -> int: ...
     @overload
     def broadcast(self, packet: int, payload: Buffer, /, *, exclude: Session | None = None) -> int: ...
     @overload

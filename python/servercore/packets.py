@@ -55,12 +55,20 @@ for `__servercore_packet__()`, which is `(id, payload)`.
 from __future__ import annotations
 
 import struct
+import sys
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from servercore._core import PacketSession
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # type checkers read the 3.11 branch; at run time the marker does nothing
+
+    def dataclass_transform(**_: Any) -> Callable[[type], type]:
+        return lambda cls: cls
 
 __all__ = [
     "Fixed",
@@ -383,6 +391,7 @@ def _check_scalar(label: str, values: list[tuple[str, Any, Scalar]]) -> None:
 # --- the classes --------------------------------------------------------------------
 
 
+@dataclass_transform(kw_only_default=True)
 class Struct:
     """Fields sent in place inside a packet (a position, an item); declare
     them as class annotations, as for a `Packet`."""
