@@ -697,8 +697,19 @@ impl Drop for Farewell {
         let handle = &self.handle;
         let context = &handle.context;
         context.stats.count_disconnect(reason);
-        let warn = reason.is_fault() || self.linger_expired;
-        let level = if warn { log::Level::Warn } else { log::Level::Debug };
+        let mut level =
+            if reason.is_fault() || self.linger_expired { log::Level::Warn } else { log::Level::Debug };
+        if level == log::Level::Warn {
+            // An attacker must not set the log rate: the first few of each
+            // reason are written, the rest summed up once per interval.
+            let verdict = context.fault_log.admit(reason, handle.peer().ip(), std::time::Instant::now());
+            for summary in verdict.summaries {
+                log::warn!(target: "servercore", "{summary}");
+            }
+            if !verdict.log {
+                level = log::Level::Debug;
+            }
+        }
         let said = context.take_close_detail(handle.id());
         let detail = match (said, self.detail.as_deref()) {
             (Some(said), Some(ours)) => format!(": {said}; {ours}"),

@@ -15,6 +15,7 @@ use rustc_hash::FxHashMap;
 
 use crate::config::SessionConfig;
 use crate::events::{EventQueue, SessionId};
+use crate::log_limit::FaultLog;
 use crate::reason::DisconnectReason;
 use crate::stats::ServiceStats;
 
@@ -36,6 +37,8 @@ pub struct SessionContext {
     pub config: SessionConfig,
     pub stats: ServiceStats,
     pub events: EventQueue,
+    /// Which farewell warnings are written, and the summaries of the rest.
+    pub fault_log: FaultLog,
     /// The linger of sessions a graceful shutdown closes, in nanoseconds
     /// (`NO_GRACE`: the configured linger).
     shutdown_grace: AtomicU64,
@@ -52,6 +55,7 @@ impl SessionContext {
             config,
             stats: ServiceStats::default(),
             events: EventQueue::new()?,
+            fault_log: FaultLog::default(),
             shutdown_grace: AtomicU64::new(NO_GRACE),
             memberships: Mutex::default(),
             close_details: Mutex::default(),

@@ -16,6 +16,7 @@
 //! - [`recv_buffer`]: bytes read and not yet consumed; packets leave it without a copy.
 //! - [`send_buffer`]: pooled chunks that packets are encoded into once and shared.
 //! - [`reason`], [`config`], [`stats`]: why sessions end, the limits, the counters.
+//! - [`log_limit`]: how many farewell warnings an attacker can make the server write.
 //! - [`wake_fd`]: an eventfd, to wake a thread that waits on descriptors.
 //! - [`events`]: what crosses to the application, by session id, in batches.
 //! - [`doorbell`], [`send_queue`]: how a session's driver is told of work, and
@@ -42,6 +43,7 @@ pub mod doorbell;
 pub mod events;
 pub mod frame;
 pub mod inbox;
+pub mod log_limit;
 pub mod reactor;
 pub mod reason;
 pub mod recv_buffer;

@@ -271,6 +271,9 @@ impl Service {
         }
         // Tasks still running are dropped here; each one's farewell reports it.
         runtime.shutdown_timeout(Duration::from_secs(1));
+        for summary in self.shared.context.fault_log.finish(std::time::Instant::now()) {
+            log::warn!(target: "servercore", "{summary}");
+        }
     }
 
     /// No new sessions from now on (a server closes its listening socket);

@@ -17,7 +17,7 @@ import pytest
 
 from servercore import DisconnectReason, PacketSession
 
-from support import SEQ, RawPeer, header, local_port, packet, poll_until, recorder, send_ignoring_close
+from support import SEQ, RawPeer, exchange, header, local_port, packet, poll_until, recorder, send_ignoring_close
 
 BROADCAST_ID = 1
 ECHO_ID = 7  # the recorder echoes packets of this id
@@ -266,3 +266,60 @@ def test_a_flooder_over_the_packet_rate_limit_is_cut_and_others_are_not(start_se
     assert len(server) == 1
     lines = [r.getMessage() for r in caplog.records if "RATE_LIMITED" in r.getMessage()]
     assert len(lines) == 1 and f"127.0.0.1:{local_port(flooder)}" in lines[0] and "max_packets_per_second 200" in lines[0]
+
+
+def test_an_attacker_cannot_set_the_log_rate(start_server, raw_peers, caplog):
+    """300 connections from one address each send a bad header: every one is
+    cut and counted, but only the first few are written in full, and the rest
+    come to one summary line (here at shutdown; otherwise at the next one
+    after the 10 s interval). An honest peer is served throughout."""
+    server = start_server(PacketSession)
+    honest = raw_peers(server.port)
+    with caplog.at_level(logging.WARNING, logger="servercore"):
+        for _ in range(300):
+            attacker = raw_peers(server.port)
+            send_ignoring_close(attacker, header(2, 1))  # a size below the header's own 4 bytes
+            attacker.close()
+        poll_until(server, lambda: server.stats()["disconnects"].get("INVALID_HEADER", 0) == 300, timeout=20,
+                   message=lambda: f"{server.stats()['disconnects']}")
+        assert len(server) == 1 and local_port(honest) in {s.peer[1] for s in server.sessions}
+        server.stop()
+    lines = [r.getMessage() for r in caplog.records if "INVALID_HEADER" in r.getMessage()]
+    full = [line for line in lines if "disconnected: INVALID_HEADER" in line]
+    summaries = [line for line in lines if "more INVALID_HEADER in the last" in line]
+    assert len(full) == 5, lines
+    assert summaries == [summaries[0]] and summaries[0].startswith("295 more INVALID_HEADER in the last "), lines
+    assert summaries[0].endswith("from 1 address"), summaries
+
+
+class SlowHandler(logging.Handler):
+    """A log sink that takes 20 ms a record (a slow disk, a pipe read late)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(0.02)
+
+
+def test_a_slow_log_handler_does_not_stall_the_game_during_a_flood(start_server, raw_peers):
+    class Echo(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            self.send(packet_id, payload)
+
+    server = start_server(Echo)
+    honest = raw_peers(server.port)
+    logger = logging.getLogger("servercore")
+    handler = SlowHandler(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        slowest = 0.0
+        for round_ in range(10):
+            for _ in range(50):
+                attacker = raw_peers(server.port)
+                send_ignoring_close(attacker, header(2, 1))
+                attacker.close()
+            started = time.monotonic()
+            assert exchange(server, honest, packet(7, SEQ.pack(round_))) == (7, SEQ.pack(round_))
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.5, f"an echo took {slowest * 1e3:.0f} ms during the flood"
+        poll_until(server, lambda: server.stats()["disconnects"].get("INVALID_HEADER", 0) == 500, timeout=20)
+    finally:
+        logger.removeHandler(handler)

@@ -69,9 +69,22 @@ pub fn follow_python_level(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-/// Emits every queued record through `logging.getLogger("servercore")`.
+/// Records one flush emits at most: a log handler is Python code on the
+/// polling thread, and however slow it is, one poll must not spend long in
+/// it. The rest wait for the next flush (the queue is bounded and counts what
+/// it drops); the engine writes few warnings anyway (`log_limit`).
+const RECORDS_PER_FLUSH: usize = 256;
+
+/// How long one flush keeps emitting once a record took its time.
+const FLUSH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Emits queued records (up to `RECORDS_PER_FLUSH`) through `logging.getLogger("servercore")`.
 pub fn flush(py: Python<'_>) -> PyResult<()> {
-    let records = std::mem::take(&mut *BRIDGE.records.lock().unwrap_or_else(|e| e.into_inner()));
+    let records: Vec<QueuedRecord> = {
+        let mut queue = BRIDGE.records.lock().unwrap_or_else(|e| e.into_inner());
+        let take = queue.len().min(RECORDS_PER_FLUSH);
+        queue.drain(..take).collect()
+    };
     let dropped = BRIDGE.dropped.swap(0, Ordering::Relaxed);
     if records.is_empty() && dropped == 0 {
         return Ok(());
@@ -80,11 +93,27 @@ pub fn flush(py: Python<'_>) -> PyResult<()> {
     if dropped > 0 {
         logger.call_method1(
             intern!(py, "warning"),
-            (format!("{dropped} log records were dropped while nobody called poll()"),),
+            (format!(
+                "{dropped} log records were dropped: more came than were emitted (nobody polled, or a flood)"
+            ),),
         )?;
     }
-    for record in records {
+    // A slow handler gets a few milliseconds per flush; what is left goes
+    // back to the front of the queue for the next one.
+    let started = std::time::Instant::now();
+    let mut records = records.into_iter();
+    for record in records.by_ref() {
         logger.call_method1(intern!(py, "log"), (python_level(record.level), record.message))?;
+        if started.elapsed() > FLUSH_BUDGET {
+            break;
+        }
+    }
+    let left: Vec<QueuedRecord> = records.collect();
+    if !left.is_empty() {
+        let mut queue = BRIDGE.records.lock().unwrap_or_else(|e| e.into_inner());
+        for record in left.into_iter().rev() {
+            queue.push_front(record);
+        }
     }
     Ok(())
 }
