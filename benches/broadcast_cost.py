@@ -45,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     payload = b"x" * args.size
     seconds_per_call: list[float] = []
-    with Server(Quiet, "127.0.0.1", 0) as server:
+    with Server(Quiet, "127.0.0.1", 0, first_packet_timeout=None) as server:
         sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(args.sessions)]
         try:
             for sock in sockets:

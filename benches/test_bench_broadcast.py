@@ -53,7 +53,7 @@ class Quiet(PacketSession):
 
 @pytest.fixture
 def servercore_peers() -> Iterator[tuple[Server, Drainer]]:
-    server = Server(Quiet, "127.0.0.1", 0, backlog=PEERS + 100)
+    server = Server(Quiet, "127.0.0.1", 0, backlog=PEERS + 100, first_packet_timeout=None)
     server.start()
     sockets: list[socket.socket] = []
     drainer = None

@@ -165,6 +165,11 @@ pub struct SessionConfig {
     pub max_pending_recv_bytes: usize,
     /// A packet whose first byte has arrived must be complete within this.
     pub packet_timeout: Option<Duration>,
+    /// A new connection must start sending within this, or it is a slot
+    /// taken for nothing; its first packet then completes within
+    /// `packet_timeout` like any other. A server's default; a client's
+    /// sessions often wait for the server first.
+    pub first_packet_timeout: Option<Duration>,
     /// A session that receives nothing for this long is disconnected.
     pub idle_timeout: Option<Duration>,
     /// More packets than this in one second disconnect the session.
@@ -187,6 +192,7 @@ impl Default for SessionConfig {
             max_send_queue_bytes: 1024 * 1024,
             max_pending_recv_bytes: 256 * 1024,
             packet_timeout: Some(Duration::from_secs(10)),
+            first_packet_timeout: Some(Duration::from_secs(10)),
             idle_timeout: None,
             max_packets_per_second: None,
             linger: Duration::from_secs(1),
@@ -256,6 +262,9 @@ impl ServiceConfig {
         }
         if let Some(timeout) = session.packet_timeout {
             TIMEOUT.check_duration("packet_timeout", timeout)?;
+        }
+        if let Some(timeout) = session.first_packet_timeout {
+            TIMEOUT.check_duration("first_packet_timeout", timeout)?;
         }
         if let Some(timeout) = session.idle_timeout {
             TIMEOUT.check_duration("idle_timeout", timeout)?;

@@ -159,16 +159,21 @@ pub(crate) struct Connection {
     /// The peer shut down its sending side; the session closes once the
     /// application has handled everything it sent.
     peer_finished: bool,
+    /// The peer has sent something (or no deadline was set for it). Until
+    /// then `packet_started` holds the connect time, and the deadline is
+    /// `first_packet_timeout` from it.
+    greeted: bool,
     farewell: Farewell,
 }
 
 impl Connection {
     pub(crate) fn new(stream: mio::net::TcpStream, handle: Arc<SessionHandle>) -> Self {
+        let awaits_first_packet = handle.context.config.first_packet_timeout.is_some();
         Self {
             stream,
             recv: RecvBuffer::default(),
             in_flight: VecDeque::new(),
-            packet_started: None,
+            packet_started: awaits_first_packet.then(Tick::now),
             last_received: Tick::now(),
             rate_window: None,
             phase: Phase::Open,
@@ -180,6 +185,7 @@ impl Connection {
             listed: false,
             paused: false,
             peer_finished: false,
+            greeted: !awaits_first_packet,
             farewell: Farewell { handle, detail: None, sealed: None, linger_expired: false },
         }
     }
@@ -325,6 +331,12 @@ impl Connection {
                     turn += n;
                     ServiceStats::add(&self.handle().context.stats.bytes_in, n as u64);
                     self.last_received = Tick::now();
+                    if !self.greeted {
+                        // The first bytes: from here a packet's own deadline
+                        // (packet_timeout, from its first byte) takes over.
+                        self.greeted = true;
+                        self.packet_started = None;
+                    }
                     if let Err(stop) = self.cut_events() {
                         break Err(stop);
                     }
@@ -503,6 +515,13 @@ impl Connection {
         result
     }
 
+    /// How long the packet under way may take; before the peer has sent
+    /// anything, how long it may stay silent after connecting.
+    fn packet_limit(&self) -> Option<std::time::Duration> {
+        let config = &self.farewell.handle.context.config;
+        if self.greeted { config.packet_timeout } else { config.first_packet_timeout }
+    }
+
     fn next_deadline(&self) -> Option<Tick> {
         if let Phase::Lingering { until, .. } = self.phase {
             return Some(until);
@@ -511,7 +530,7 @@ impl Connection {
             return None;
         }
         let config = &self.farewell.handle.context.config;
-        let packet = self.packet_started.zip(config.packet_timeout).map(|(at, limit)| at.after(limit));
+        let packet = self.packet_started.zip(self.packet_limit()).map(|(at, limit)| at.after(limit));
         let idle = config.idle_timeout.map(|limit| self.last_received.after(limit));
         match (packet, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -526,17 +545,26 @@ impl Connection {
         }
         let now = Tick::now();
         let config = &self.farewell.handle.context.config;
-        if let (Some(started), Some(limit)) = (self.packet_started, config.packet_timeout) {
+        if let (Some(started), Some(limit)) = (self.packet_started, self.packet_limit()) {
             if now >= started.after(limit) {
-                return Err(Stop::new(
-                    DisconnectReason::PacketTimeout,
-                    format!(
-                        "packet incomplete after {:.1}s ({} bytes buffered), packet_timeout {:.1}s",
-                        now.since(started).as_secs_f64(),
-                        self.recv.len(),
-                        limit.as_secs_f64()
+                let waited = now.since(started).as_secs_f64();
+                return Err(match self.greeted {
+                    true => Stop::new(
+                        DisconnectReason::PacketTimeout,
+                        format!(
+                            "packet incomplete after {waited:.1}s ({} bytes buffered), packet_timeout {:.1}s",
+                            self.recv.len(),
+                            limit.as_secs_f64()
+                        ),
                     ),
-                ));
+                    false => Stop::new(
+                        DisconnectReason::FirstPacketTimeout,
+                        format!(
+                            "nothing received {waited:.1}s after connecting, first_packet_timeout {:.1}s",
+                            limit.as_secs_f64()
+                        ),
+                    ),
+                });
             }
         }
         if let Some(limit) = config.idle_timeout {

@@ -35,10 +35,13 @@ pub enum DisconnectReason {
     /// A packet's payload did not match its declared layout (the application
     /// said so: short, trailing bytes, invalid UTF-8, a count past its limit).
     MalformedPacket = 13,
+    /// A new connection sent nothing within `first_packet_timeout`: a slot
+    /// taken for nothing.
+    FirstPacketTimeout = 14,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 13] = [
+    pub const ALL: [DisconnectReason; 14] = [
         DisconnectReason::ClosedByPeer,
         DisconnectReason::Reset,
         DisconnectReason::ClosedLocally,
@@ -52,6 +55,7 @@ impl DisconnectReason {
         DisconnectReason::ServerShutdown,
         DisconnectReason::RateLimited,
         DisconnectReason::MalformedPacket,
+        DisconnectReason::FirstPacketTimeout,
     ];
 
     pub fn code(self) -> u8 {
@@ -78,6 +82,7 @@ impl DisconnectReason {
             DisconnectReason::ServerShutdown => "SERVER_SHUTDOWN",
             DisconnectReason::RateLimited => "RATE_LIMITED",
             DisconnectReason::MalformedPacket => "MALFORMED_PACKET",
+            DisconnectReason::FirstPacketTimeout => "FIRST_PACKET_TIMEOUT",
         }
     }
 
@@ -125,7 +130,7 @@ mod tests {
             assert_eq!(DisconnectReason::from_code(reason.code()), Some(*reason));
         }
         assert_eq!(DisconnectReason::from_code(0), None);
-        assert_eq!(DisconnectReason::from_code(14), None);
+        assert_eq!(DisconnectReason::from_code(15), None);
     }
 
     #[test]

@@ -17,7 +17,18 @@ import pytest
 
 from servercore import DisconnectReason, PacketSession
 
-from support import SEQ, RawPeer, exchange, header, local_port, packet, poll_until, recorder, send_ignoring_close
+from support import (
+    SEQ,
+    RawPeer,
+    exchange,
+    header,
+    local_port,
+    packet,
+    poll_for,
+    poll_until,
+    recorder,
+    send_ignoring_close,
+)
 
 BROADCAST_ID = 1
 ECHO_ID = 7  # the recorder echoes packets of this id
@@ -323,3 +334,47 @@ def test_a_slow_log_handler_does_not_stall_the_game_during_a_flood(start_server,
         poll_until(server, lambda: server.stats()["disconnects"].get("INVALID_HEADER", 0) == 500, timeout=20)
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_connection_that_never_sends_gives_its_slot_back(start_server, raw_peers, caplog):
+    """A silent connection is cut at first_packet_timeout from its connect; one
+    that started a packet is judged by packet_timeout from its first byte; a
+    player that sent its first packet in time stays."""
+    ended = []
+
+    class Player(PacketSession):
+        def on_disconnected(self, reason):
+            ended.append(reason)
+
+    server = start_server(Player, first_packet_timeout=0.5, packet_timeout=1.0)
+    silent = raw_peers(server.port)
+    started_a_packet = raw_peers(server.port)
+    player = raw_peers(server.port)
+    started = time.monotonic()
+    player.send(packet(ECHO_ID, b"login"))
+    started_a_packet.send(b"\x40")  # the first byte of a 64-byte packet that never completes
+    with caplog.at_level(logging.WARNING, logger="servercore"):
+        poll_until(server, lambda: len(ended) == 1, timeout=5, message=lambda: f"ended {ended}")
+        silent_after = time.monotonic() - started
+        poll_until(server, lambda: len(ended) == 2, timeout=5, message=lambda: f"ended {ended}")
+        dribble_after = time.monotonic() - started
+    assert ended == [DisconnectReason.FIRST_PACKET_TIMEOUT, DisconnectReason.PACKET_TIMEOUT]
+    assert 0.5 <= silent_after < 0.9, silent_after
+    assert 1.0 <= dribble_after < 1.5, dribble_after
+    assert silent.wait_closed(2) and started_a_packet.wait_closed(2)
+    assert len(server) == 1 and local_port(player) in {s.peer[1] for s in server.sessions}
+    lines = [r.getMessage() for r in caplog.records if "FIRST_PACKET_TIMEOUT" in r.getMessage()]
+    assert lines and "nothing received 0.5s after connecting, first_packet_timeout 0.5s" in lines[0], lines
+
+
+def test_a_client_waits_for_the_server_unless_told_not_to(start_server, start_client):
+    """A Client's sessions owe no first packet by default (they often wait for
+    the server); one that asks for a deadline gets it."""
+    server = start_server(PacketSession, first_packet_timeout=None)
+    patient = start_client(PacketSession, server.port, count=2)
+    impatient = start_client(PacketSession, server.port, count=2, first_packet_timeout=0.3)
+    poll_until([server, patient, impatient], lambda: len(server) == 4)
+    poll_until([server, patient, impatient],
+               lambda: impatient.stats()["disconnects"].get("FIRST_PACKET_TIMEOUT", 0) == 2, timeout=5)
+    poll_for([server, patient, impatient], 0.5)
+    assert len(patient) == 2 and not patient.stats()["disconnects"].get("FIRST_PACKET_TIMEOUT")

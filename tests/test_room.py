@@ -187,7 +187,7 @@ def test_ten_thousand_rooms_of_ten_and_one_room_of_ten_thousand() -> None:
     if hard != resource.RLIM_INFINITY and hard < 10_500:
         pytest.skip(f"the hard limit of open files is {hard}; 10,000 sessions need more")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 20_000, hard))
-    server = Server(PacketSession, "127.0.0.1", 0, max_sessions=20_000)
+    server = Server(PacketSession, "127.0.0.1", 0, max_sessions=20_000, first_packet_timeout=None)
     server.start()
     dummies = subprocess.Popen(
         [sys.executable, "-m", "servercore", "dummy-client", "--port", str(server.port), "--clients", "10000"],

@@ -119,6 +119,8 @@ def main() -> int:
         io_threads=args.io_threads,
         inline_io=not args.no_inline_io,
         max_sessions=args.max_sessions,
+        # Idle and listening clients (M1, HELLO, B1) owe no first packet.
+        first_packet_timeout=None,
     )
     if args.loop:
         return serve_on_loop(args.loop)

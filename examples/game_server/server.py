@@ -48,7 +48,9 @@ def main() -> int:
     parser.add_argument("--tick", type=float, default=0.25)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    server = Server(Player, "127.0.0.1", args.port, packet_ids=router.packet_ids, max_sessions=20_000)
+    # The lecture's DummyClients only listen: no first packet is owed.
+    server = Server(Player, "127.0.0.1", args.port, packet_ids=router.packet_ids, max_sessions=20_000,
+                    first_packet_timeout=None)
     # Encoded once, sent to everyone every tick: the lecture's SendBuffer.
     hello = SendBuffer(HelloWorld.packet_id, HelloWorld(text="Hello World".ljust(1000, ".")).encode())
     tick = server.call_every(args.tick, world.broadcast, hello)

@@ -299,6 +299,7 @@ class SessionOptions(TypedDict, total=False):
     max_send_queue_bytes: int
     max_pending_recv_bytes: int
     packet_timeout: float | None
+    first_packet_timeout: float | None
     idle_timeout: float | None
     max_packets_per_second: int | None
     packet_ids: Iterable[int] | None

@@ -39,6 +39,9 @@ class DisconnectReason(enum.IntEnum):
     MALFORMED_PACKET = 13
     """A typed packet's payload did not match its layout (short, trailing
     bytes, invalid UTF-8, a count past its limit); its handler never ran."""
+    FIRST_PACKET_TIMEOUT = 14
+    """A new connection sent nothing within ``first_packet_timeout`` (a
+    server's default: 10 s); its first packet then has ``packet_timeout``."""
 
     def __str__(self) -> str:
         return self.name

@@ -92,7 +92,9 @@ class RateLine:
 def game_server(args: argparse.Namespace) -> int:
     raise_fd_limit(args.max_sessions + 64)
     hello = SendBuffer(HELLO_ID, HELLO_PAYLOAD)
-    with Server(GameSession, args.host, args.port, max_sessions=args.max_sessions) as server:
+    # The lecture's DummyClients only listen: no first packet is owed.
+    with Server(GameSession, args.host, args.port, max_sessions=args.max_sessions,
+                first_packet_timeout=None) as server:
         print(f"game-server: listening on {server.host}:{server.port}, broadcasting Hello World every {args.tick}s", flush=True)
         line = RateLine("game-server")
 
@@ -147,7 +149,7 @@ def demo(args: argparse.Namespace) -> int:
         # A thousand per-session disconnect lines would bury the checks; -v shows them.
         logging.getLogger("servercore").setLevel(logging.ERROR)
     print(f"servercore demo: a GameServer and a DummyClient of {clients} sessions on 127.0.0.1")
-    with Server(GameSession, "127.0.0.1", 0, max_sessions=clients + 16) as server:
+    with Server(GameSession, "127.0.0.1", 0, max_sessions=clients + 16, first_packet_timeout=None) as server:
         print(f"game-server listening on 127.0.0.1:{server.port}")
         started = time.perf_counter()
         client = Client(DummySession, "127.0.0.1", server.port, count=clients)

@@ -98,6 +98,10 @@ pub fn packet_id(value: &Bound<'_, PyAny>) -> PyResult<u16> {
 /// The keyword options of `Server(...)` or `Client(...)`, checked.
 pub fn service_config(options: Option<&Bound<'_, PyDict>>, role: Role) -> PyResult<ServiceConfig> {
     let mut config = ServiceConfig::default();
+    if role == Role::Client {
+        // A client's sessions often wait for the server to speak first.
+        config.session.first_packet_timeout = None;
+    }
     if let Some(options) = options {
         for (key, value) in options.iter() {
             let key = key.cast::<PyString>()?.to_string();
@@ -140,6 +144,9 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         }
         "packet_timeout" => {
             session.packet_timeout = optional_seconds("packet_timeout", Some(value), TIMEOUT)?
+        }
+        "first_packet_timeout" => {
+            session.first_packet_timeout = optional_seconds("first_packet_timeout", Some(value), TIMEOUT)?
         }
         "idle_timeout" => session.idle_timeout = optional_seconds("idle_timeout", Some(value), TIMEOUT)?,
         "linger" => session.linger = seconds("linger", value, WAIT)?,
