@@ -214,6 +214,12 @@ pub struct ServiceConfig {
     pub io_threads: usize,
     /// Connections beyond this are closed as soon as they are accepted.
     pub max_sessions: usize,
+    /// Connections from one address beyond this are closed as soon as they
+    /// are accepted, so one machine cannot take every slot (server only).
+    pub max_sessions_per_address: Option<usize>,
+    /// Addresses the per-address limit does not apply to (NAT gateways, a
+    /// load balancer you trust).
+    pub trusted_addresses: Vec<std::net::IpAddr>,
     /// The listen backlog (server only).
     pub backlog: u32,
     /// How long a client waits for each connection attempt.
@@ -232,6 +238,14 @@ impl Default for ServiceConfig {
             session: SessionConfig::default(),
             io_threads: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
             max_sessions: 10_000,
+            max_sessions_per_address: Some(64),
+            // This machine's own tools (a DummyClient, a load test, a proxy on
+            // the same host) connect from these; other loopback addresses
+            // (127.0.0.2, ...) are limited like any machine.
+            trusted_addresses: vec![
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ],
             backlog: 1024,
             connect_timeout: Duration::from_secs(10),
             inline_io: true,
@@ -253,6 +267,9 @@ impl ServiceConfig {
         let session = &self.session;
         count("io_threads", IO_THREADS, self.io_threads as u64)?;
         count("max_sessions", MAX_SESSIONS, self.max_sessions as u64)?;
+        if let Some(limit) = self.max_sessions_per_address {
+            count("max_sessions_per_address", MAX_SESSIONS, limit as u64)?;
+        }
         count("backlog", BACKLOG, u64::from(self.backlog))?;
         count("max_packet_size", MAX_PACKET_SIZE, self.max_packet_size() as u64)?;
         count("max_send_queue_bytes", BYTES, session.max_send_queue_bytes as u64)?;

@@ -10,6 +10,7 @@
 //! application code can run inside a broadcast: a full queue or a closed session
 //! is recorded on that session and reported later, through its own events.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -30,6 +31,8 @@ pub struct SessionRegistry {
 #[derive(Default)]
 struct RegistryState {
     sessions: FxHashMap<SessionId, Arc<SessionHandle>>,
+    /// Open sessions per peer address, for `max_sessions_per_address`.
+    per_address: FxHashMap<IpAddr, u32>,
     /// Set when the service stops: no session may join after it.
     closed_with: Option<DisconnectReason>,
 }
@@ -50,13 +53,22 @@ impl SessionRegistry {
         if state.closed_with.is_some() {
             return false;
         }
+        *state.per_address.entry(handle.peer().ip()).or_default() += 1;
         state.sessions.insert(handle.id(), handle);
         true
     }
 
     pub fn remove(&self, id: SessionId) {
         let mut state = self.write();
-        state.sessions.remove(&id);
+        if let Some(handle) = state.sessions.remove(&id) {
+            let address = handle.peer().ip();
+            if let Some(count) = state.per_address.get_mut(&address) {
+                *count -= 1;
+                if *count == 0 {
+                    state.per_address.remove(&address);
+                }
+            }
+        }
         if state.sessions.is_empty() {
             drop(state);
             self.emptied.notify_waiters();
@@ -65,6 +77,11 @@ impl SessionRegistry {
 
     pub fn get(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
         self.read().sessions.get(&id).cloned()
+    }
+
+    /// Open sessions from `address`.
+    pub fn sessions_from(&self, address: IpAddr) -> usize {
+        self.read().per_address.get(&address).copied().unwrap_or(0) as usize
     }
 
     pub fn len(&self) -> usize {

@@ -82,6 +82,13 @@ impl ServiceShared {
         true
     }
 
+    /// The per-address limit, if `address` has reached it (and is not trusted).
+    fn crowded(&self, address: std::net::IpAddr) -> Option<usize> {
+        let limit = self.config.max_sessions_per_address?;
+        let at_limit = self.registry.sessions_from(address) >= limit;
+        (at_limit && !self.config.trusted_addresses.contains(&address)).then_some(limit)
+    }
+
     /// The application's end of the event queue, keeping `T` per session.
     pub fn inbox<T>(&self) -> Inbox<T> {
         Inbox::new(self.registry.clone(), self.context.clone())
@@ -432,6 +439,7 @@ fn configure_socket(stream: &impl AsFd, config: &SessionConfig) -> io::Result<()
 async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<ServiceShared>) {
     let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
     let mut rejected = ThrottledLog::new(Duration::from_secs(5));
+    let mut crowded = ThrottledLog::new(Duration::from_secs(5));
     let mut backoff = Duration::ZERO;
     loop {
         // mio's accept: the socket comes non-blocking and is registered only by its reactor.
@@ -444,6 +452,16 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
                     shared.context.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     rejected.warn(|suppressed| {
                         format!("{peer}: refused, max_sessions {max_sessions} reached{suppressed}")
+                    });
+                    drop(stream);
+                    continue;
+                }
+                if let Some(limit) = shared.crowded(peer.ip()) {
+                    shared.context.stats.rejected_per_address.fetch_add(1, Ordering::Relaxed);
+                    crowded.warn(|suppressed| {
+                        format!(
+                            "{peer}: refused, max_sessions_per_address {limit} from this address{suppressed}"
+                        )
                     });
                     drop(stream);
                     continue;

@@ -12,6 +12,8 @@ pub struct ServiceStats {
     pub connected: AtomicU64,
     pub connect_failed: AtomicU64,
     pub rejected: AtomicU64,
+    /// Connections refused because their address had `max_sessions_per_address` open.
+    pub rejected_per_address: AtomicU64,
     pub packets_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub packets_out: AtomicU64,
@@ -45,6 +47,7 @@ impl ServiceStats {
             connected: self.connected.load(Relaxed),
             connect_failed: self.connect_failed.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
+            rejected_per_address: self.rejected_per_address.load(Relaxed),
             packets_in: self.packets_in.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             packets_out: self.packets_out.load(Relaxed),
@@ -70,6 +73,7 @@ pub struct StatsSnapshot {
     pub connected: u64,
     pub connect_failed: u64,
     pub rejected: u64,
+    pub rejected_per_address: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
@@ -90,11 +94,12 @@ impl StatsSnapshot {
 
     /// Every figure but the disconnects, by the name applications see it
     /// under (Python's `stats()` keys, the README's table).
-    pub fn figures(&self) -> [(&'static str, u64); 19] {
+    pub fn figures(&self) -> [(&'static str, u64); 20] {
         [
             ("sessions", self.sessions as u64),
             ("accepted", self.accepted),
             ("rejected", self.rejected),
+            ("rejected_per_address", self.rejected_per_address),
             ("connected", self.connected),
             ("connect_failed", self.connect_failed),
             ("packets_in", self.packets_in),

@@ -94,14 +94,18 @@ def rss_bytes(pid: int | str = "self") -> int:
 class RawPeer:
     """A plain socket speaking the protocol by hand: the honest or hostile other side.
 
-    `rcvbuf` sets SO_RCVBUF before connecting, for a peer that reads slowly or not at all.
+    `rcvbuf` sets SO_RCVBUF before connecting, for a peer that reads slowly or
+    not at all; `source` binds the peer's address first (127.0.0.x acts as
+    another machine).
     """
 
-    def __init__(self, port: int, timeout: float = 5.0, rcvbuf: int | None = None) -> None:
+    def __init__(self, port: int, timeout: float = 5.0, rcvbuf: int | None = None, source: str | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             if rcvbuf is not None:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source is not None:
+                self.sock.bind((source, 0))
             self.sock.settimeout(timeout)
             self.sock.connect(("127.0.0.1", port))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

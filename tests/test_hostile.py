@@ -378,3 +378,27 @@ def test_a_client_waits_for_the_server_unless_told_not_to(start_server, start_cl
                lambda: impatient.stats()["disconnects"].get("FIRST_PACKET_TIMEOUT", 0) == 2, timeout=5)
     poll_for([server, patient, impatient], 0.5)
     assert len(patient) == 2 and not patient.stats()["disconnects"].get("FIRST_PACKET_TIMEOUT")
+
+
+def test_one_address_cannot_take_every_slot(start_server, raw_peers):
+    """With the default options, one address holds at most 64 sessions; the
+    rest of its connections are refused at accept (no Python call), counted,
+    and logged at most once per 5 s; another address is still served."""
+    server = start_server(PacketSession)
+    attackers = [raw_peers(server.port, source="127.0.0.2") for _ in range(80)]
+    poll_until(server, lambda: server.stats()["rejected_per_address"] == 16 and len(server) == 64,
+               message=lambda: f"{len(server)} sessions, {server.stats()['rejected_per_address']} refused")
+    raw_peers(server.port, source="127.0.0.3")
+    poll_until(server, lambda: len(server) == 65)
+    assert sum(peer.wait_closed(0.01) for peer in attackers) == 16
+
+
+def test_trusted_addresses_are_not_limited(start_server, raw_peers):
+    server = start_server(PacketSession, max_sessions_per_address=4, trusted_addresses=["127.0.0.2"])
+    for _ in range(10):
+        raw_peers(server.port, source="127.0.0.2")
+    for _ in range(6):
+        raw_peers(server.port, source="127.0.0.4")
+    poll_until(server, lambda: len(server) == 14 and server.stats()["rejected_per_address"] == 2)
+    with pytest.raises(ValueError, match=r'trusted_addresses: "gateway" is not an IP address'):
+        start_server(PacketSession, trusted_addresses=["gateway"])

@@ -312,6 +312,8 @@ class SessionOptions(TypedDict, total=False):
 @type_check_only
 class ServerOptions(SessionOptions, total=False):
     max_sessions: int
+    max_sessions_per_address: int | None
+    trusted_addresses: Iterable[str]
     backlog: int
 
 @type_check_only

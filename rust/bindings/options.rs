@@ -119,7 +119,9 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
     match key {
         "io_threads" if none => {}
         "io_threads" => config.io_threads = count("io_threads", value, IO_THREADS)? as usize,
-        "max_sessions" | "backlog" if role == Role::Client => {
+        "max_sessions" | "backlog" | "max_sessions_per_address" | "trusted_addresses"
+            if role == Role::Client =>
+        {
             return Err(PyTypeError::new_err(format!(
                 "{key} is a Server option: a Client opens exactly `count` sessions and does not listen"
             )));
@@ -131,6 +133,12 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         }
         "max_sessions" => config.max_sessions = count("max_sessions", value, MAX_SESSIONS)? as usize,
         "backlog" => config.backlog = count("backlog", value, BACKLOG)? as u32,
+        "max_sessions_per_address" if none => config.max_sessions_per_address = None,
+        "max_sessions_per_address" => {
+            config.max_sessions_per_address =
+                Some(count("max_sessions_per_address", value, MAX_SESSIONS)? as usize)
+        }
+        "trusted_addresses" => config.trusted_addresses = addresses("trusted_addresses", value)?,
         "connect_timeout" => config.connect_timeout = seconds("connect_timeout", value, TIMEOUT)?,
         "shutdown_grace" => config.shutdown_grace = seconds("shutdown_grace", value, WAIT)?,
         "max_packet_size" => {
@@ -177,6 +185,29 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         }
     }
     Ok(())
+}
+
+/// An iterable of IP address strings ("10.0.0.1", "::1").
+fn addresses(option: &str, value: &Bound<'_, PyAny>) -> PyResult<Vec<std::net::IpAddr>> {
+    let not_iterable = |_| {
+        PyTypeError::new_err(format!(
+            "{option} must be an iterable of IP address strings, not {}",
+            type_name(value)
+        ))
+    };
+    let mut parsed = Vec::new();
+    for item in value.try_iter().map_err(not_iterable)? {
+        let item = item?;
+        let text: String = item.extract().map_err(|_| {
+            PyTypeError::new_err(format!("{option} holds IP address strings, not {}", type_name(&item)))
+        })?;
+        parsed.push(text.parse().map_err(|_| {
+            PyValueError::new_err(format!(
+                "{option}: {text:?} is not an IP address (e.g. \"203.0.113.7\" or \"::1\")"
+            ))
+        })?);
+    }
+    Ok(parsed)
 }
 
 fn flag(option: &str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
