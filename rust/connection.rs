@@ -337,6 +337,9 @@ impl Connection {
                         self.greeted = true;
                         self.packet_started = None;
                     }
+                    if !self.handle().is_heard_from() {
+                        self.handle().mark_heard_from();
+                    }
                     if let Err(stop) = self.cut_events() {
                         break Err(stop);
                     }

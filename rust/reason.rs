@@ -38,10 +38,13 @@ pub enum DisconnectReason {
     /// A new connection sent nothing within `first_packet_timeout`: a slot
     /// taken for nothing.
     FirstPacketTimeout = 14,
+    /// The server was full and this connection had sent nothing: its slot went
+    /// to a newcomer.
+    Evicted = 15,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 14] = [
+    pub const ALL: [DisconnectReason; 15] = [
         DisconnectReason::ClosedByPeer,
         DisconnectReason::Reset,
         DisconnectReason::ClosedLocally,
@@ -56,6 +59,7 @@ impl DisconnectReason {
         DisconnectReason::RateLimited,
         DisconnectReason::MalformedPacket,
         DisconnectReason::FirstPacketTimeout,
+        DisconnectReason::Evicted,
     ];
 
     pub fn code(self) -> u8 {
@@ -83,6 +87,7 @@ impl DisconnectReason {
             DisconnectReason::RateLimited => "RATE_LIMITED",
             DisconnectReason::MalformedPacket => "MALFORMED_PACKET",
             DisconnectReason::FirstPacketTimeout => "FIRST_PACKET_TIMEOUT",
+            DisconnectReason::Evicted => "EVICTED",
         }
     }
 
@@ -130,7 +135,7 @@ mod tests {
             assert_eq!(DisconnectReason::from_code(reason.code()), Some(*reason));
         }
         assert_eq!(DisconnectReason::from_code(0), None);
-        assert_eq!(DisconnectReason::from_code(15), None);
+        assert_eq!(DisconnectReason::from_code(16), None);
     }
 
     #[test]

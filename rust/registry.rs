@@ -79,6 +79,14 @@ impl SessionRegistry {
         self.read().sessions.get(&id).cloned()
     }
 
+    /// The session that has waited longest without its peer sending anything
+    /// (and is not closing): what a full server gives up first.
+    pub fn oldest_silent(&self) -> Option<Arc<SessionHandle>> {
+        let state = self.read();
+        let silent = state.sessions.values().filter(|h| !h.is_heard_from() && h.is_connected());
+        silent.min_by_key(|handle| handle.id()).cloned()
+    }
+
     /// Open sessions from `address`.
     pub fn sessions_from(&self, address: IpAddr) -> usize {
         self.read().per_address.get(&address).copied().unwrap_or(0) as usize

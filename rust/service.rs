@@ -82,6 +82,13 @@ impl ServiceShared {
         true
     }
 
+    /// Closes the longest-silent session (EVICTED) if there is one.
+    fn evict_a_silent_session(&self) -> bool {
+        let Some(victim) = self.registry.oldest_silent() else { return false };
+        let detail = "the server was full and this connection had sent nothing yet".to_owned();
+        victim.close_with_detail(DisconnectReason::Evicted, detail)
+    }
+
     /// The per-address limit, if `address` has reached it (and is not trusted).
     fn crowded(&self, address: std::net::IpAddr) -> Option<usize> {
         let limit = self.config.max_sessions_per_address?;
@@ -448,7 +455,11 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
                 backoff = Duration::ZERO;
                 shared.context.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let max_sessions = shared.config.max_sessions;
-                if shared.registry.len() >= max_sessions {
+                // Full: a connection that has sent nothing yet gives its slot
+                // to the newcomer, so silent sockets cannot keep players out.
+                let full = shared.registry.len() >= max_sessions;
+                let evicted = full && shared.evict_a_silent_session();
+                if full && !evicted {
                     shared.context.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     rejected.warn(|suppressed| {
                         format!("{peer}: refused, max_sessions {max_sessions} reached{suppressed}")

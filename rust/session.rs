@@ -44,6 +44,8 @@ pub struct SessionHandle {
     announced: AtomicBool,
     /// The application closed this session: what it sent after that is dropped.
     delivery_stopped: AtomicBool,
+    /// The peer has sent something: a full server does not evict it for a newcomer.
+    heard_from: AtomicBool,
     pub(crate) context: Arc<SessionContext>,
 }
 
@@ -64,6 +66,7 @@ impl SessionHandle {
             inbound,
             announced: AtomicBool::new(false),
             delivery_stopped: AtomicBool::new(false),
+            heard_from: AtomicBool::new(false),
             context,
         }
     }
@@ -271,6 +274,15 @@ impl SessionHandle {
     /// Whether events from the peer should still reach the application.
     pub fn delivers(&self) -> bool {
         !self.delivery_stopped.load(Ordering::Acquire)
+    }
+
+    /// Whether the peer has sent anything yet.
+    pub fn is_heard_from(&self) -> bool {
+        self.heard_from.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_heard_from(&self) {
+        self.heard_from.store(true, Ordering::Relaxed);
     }
 
     pub fn is_announced(&self) -> bool {

@@ -43,6 +43,10 @@ def test_max_sessions_rejects_the_connection_over_the_limit(start_server, raw_pe
     server = start_server(Echo, max_sessions=3)
     peers = [raw_peers(server.port) for _ in range(3)]
     poll_until(server, lambda: len(server) == 3)
+    # Sessions that have spoken are never evicted for a newcomer (a silent
+    # one would be: tests/test_hostile.py).
+    for n, peer in enumerate(peers):
+        assert exchange(server, peer, packet(8, bytes([n]))) == (8, bytes([n]))
     extra = raw_peers(server.port)
     closed = extra.wait_closed(2)
     server.poll(0.1)

@@ -42,6 +42,9 @@ class DisconnectReason(enum.IntEnum):
     FIRST_PACKET_TIMEOUT = 14
     """A new connection sent nothing within ``first_packet_timeout`` (a
     server's default: 10 s); its first packet then has ``packet_timeout``."""
+    EVICTED = 15
+    """The server was full and this connection had sent nothing yet: its slot
+    went to a newcomer."""
 
     def __str__(self) -> str:
         return self.name
