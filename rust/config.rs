@@ -217,7 +217,10 @@ pub struct ServiceConfig {
     /// Connections from one address beyond this are closed as soon as they
     /// are accepted, so one machine cannot take every slot (server only).
     pub max_sessions_per_address: Option<usize>,
-    /// Addresses the per-address limit does not apply to (NAT gateways, a
+    /// New connections per second one address may open (in bursts of twice
+    /// that); the rest are refused at accept (server only).
+    pub max_accepts_per_second: Option<u32>,
+    /// Addresses the per-address limits do not apply to (NAT gateways, a
     /// load balancer you trust).
     pub trusted_addresses: Vec<std::net::IpAddr>,
     /// The listen backlog (server only).
@@ -239,6 +242,7 @@ impl Default for ServiceConfig {
             io_threads: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
             max_sessions: 10_000,
             max_sessions_per_address: Some(64),
+            max_accepts_per_second: Some(20),
             // This machine's own tools (a DummyClient, a load test, a proxy on
             // the same host) connect from these; other loopback addresses
             // (127.0.0.2, ...) are limited like any machine.
@@ -267,6 +271,9 @@ impl ServiceConfig {
         let session = &self.session;
         count("io_threads", IO_THREADS, self.io_threads as u64)?;
         count("max_sessions", MAX_SESSIONS, self.max_sessions as u64)?;
+        if let Some(rate) = self.max_accepts_per_second {
+            count("max_accepts_per_second", MAX_PACKETS_PER_SECOND, u64::from(rate))?;
+        }
         if let Some(limit) = self.max_sessions_per_address {
             count("max_sessions_per_address", MAX_SESSIONS, limit as u64)?;
         }

@@ -26,6 +26,7 @@
 //! - [`coalesce`]: sends made during a batch of callbacks wake each writer once.
 //! - [`connection`]: a connection's driver, which owns the socket.
 //! - [`registry`]: the open sessions and the broadcast over them.
+//! - [`accept_rate`]: how fast one address may open connections.
 //! - [`room`]: groups of sessions to broadcast to; a session leaves them when it ends.
 //! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
 //! - [`inbox`]: the application's end of the events, and what it owes for each.
@@ -34,6 +35,7 @@
 //! Nothing here knows Python; the PyO3 bindings live in `bindings` behind the
 //! `python` feature and drive this crate like any other application would.
 
+pub mod accept_rate;
 pub mod clock;
 pub mod coalesce;
 pub mod config;

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
+use crate::accept_rate::AcceptRate;
 use crate::config::{ServiceConfig, SessionConfig};
 use crate::connection::Connection;
 use crate::context::SessionContext;
@@ -447,6 +448,8 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
     let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
     let mut rejected = ThrottledLog::new(Duration::from_secs(5));
     let mut crowded = ThrottledLog::new(Duration::from_secs(5));
+    let mut hurried = ThrottledLog::new(Duration::from_secs(5));
+    let mut rates = shared.config.max_accepts_per_second.map(AcceptRate::new);
     let mut backoff = Duration::ZERO;
     loop {
         // mio's accept: the socket comes non-blocking and is registered only by its reactor.
@@ -454,6 +457,20 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
                 shared.context.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let address = peer.ip();
+                let trusted = shared.config.trusted_addresses.contains(&address);
+                if let Some(rates) = rates.as_mut().filter(|_| !trusted) {
+                    if !rates.admit(address, Instant::now()) {
+                        shared.context.stats.rejected_rate.fetch_add(1, Ordering::Relaxed);
+                        hurried.warn(|suppressed| {
+                            format!(
+                                "{peer}: refused, over max_accepts_per_second from this address{suppressed}"
+                            )
+                        });
+                        drop(stream);
+                        continue;
+                    }
+                }
                 let max_sessions = shared.config.max_sessions;
                 // Full: a connection that has sent nothing yet gives its slot
                 // to the newcomer, so silent sockets cannot keep players out.

@@ -14,6 +14,8 @@ pub struct ServiceStats {
     pub rejected: AtomicU64,
     /// Connections refused because their address had `max_sessions_per_address` open.
     pub rejected_per_address: AtomicU64,
+    /// Connections refused because their address opened them faster than `max_accepts_per_second`.
+    pub rejected_rate: AtomicU64,
     pub packets_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub packets_out: AtomicU64,
@@ -48,6 +50,7 @@ impl ServiceStats {
             connect_failed: self.connect_failed.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             rejected_per_address: self.rejected_per_address.load(Relaxed),
+            rejected_rate: self.rejected_rate.load(Relaxed),
             packets_in: self.packets_in.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             packets_out: self.packets_out.load(Relaxed),
@@ -74,6 +77,7 @@ pub struct StatsSnapshot {
     pub connect_failed: u64,
     pub rejected: u64,
     pub rejected_per_address: u64,
+    pub rejected_rate: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
@@ -94,12 +98,13 @@ impl StatsSnapshot {
 
     /// Every figure but the disconnects, by the name applications see it
     /// under (Python's `stats()` keys, the README's table).
-    pub fn figures(&self) -> [(&'static str, u64); 20] {
+    pub fn figures(&self) -> [(&'static str, u64); 21] {
         [
             ("sessions", self.sessions as u64),
             ("accepted", self.accepted),
             ("rejected", self.rejected),
             ("rejected_per_address", self.rejected_per_address),
+            ("rejected_rate", self.rejected_rate),
             ("connected", self.connected),
             ("connect_failed", self.connect_failed),
             ("packets_in", self.packets_in),

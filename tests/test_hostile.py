@@ -383,10 +383,11 @@ def test_a_client_waits_for_the_server_unless_told_not_to(start_server, start_cl
 
 
 def test_one_address_cannot_take_every_slot(start_server, raw_peers):
-    """With the default options, one address holds at most 64 sessions; the
-    rest of its connections are refused at accept (no Python call), counted,
-    and logged at most once per 5 s; another address is still served."""
-    server = start_server(PacketSession)
+    """One address holds at most 64 sessions (the default); the rest of its
+    connections are refused at accept (no Python call), counted, and logged
+    at most once per 5 s; another address is still served. (The accept rate
+    limit is off here, to see this limit alone.)"""
+    server = start_server(PacketSession, max_accepts_per_second=None)
     attackers = [raw_peers(server.port, source="127.0.0.2") for _ in range(80)]
     poll_until(server, lambda: server.stats()["rejected_per_address"] == 16 and len(server) == 64,
                message=lambda: f"{len(server)} sessions, {server.stats()['rejected_per_address']} refused")
@@ -434,3 +435,32 @@ def test_a_full_server_evicts_a_silent_connection_for_a_newcomer(start_server, r
     poll_until(server, lambda: server.stats()["rejected"] == 1)
     assert late.wait_closed(2)
     assert len(ended) == 1 and len(server) == 10
+
+
+def test_a_connection_churn_from_one_address_is_shed_at_accept(start_server, raw_peers):
+    """One address opens 400 connections as fast as it can, each sending
+    garbage and resetting (the churn flood): with the default options its
+    first 40 (a burst of twice the 20 per second) become sessions, the rest
+    are refused at accept and counted; an honest player on another address
+    is served during the flood and after it."""
+    class Echo(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            self.send(packet_id, payload)
+
+    server = start_server(Echo)
+    honest = raw_peers(server.port, source="127.0.0.3")
+    started = time.monotonic()
+    for n in range(400):
+        attacker = raw_peers(server.port, source="127.0.0.2")
+        send_ignoring_close(attacker, header(2, 1))
+        attacker.reset()
+        if n % 100 == 0:
+            assert exchange(server, honest, packet(ECHO_ID, SEQ.pack(n))) == (ECHO_ID, SEQ.pack(n))
+    took = time.monotonic() - started
+    poll_until(server, lambda: server.stats()["accepted"] >= 401)
+    stats = server.stats()
+    admitted = stats["accepted"] - 1 - stats["rejected_rate"]
+    # 40 at once, then 20 a second for as long as the flood lasted.
+    assert 40 <= admitted <= 40 + 20 * took + 2, (admitted, took)
+    assert stats["rejected_rate"] >= 400 - admitted
+    assert exchange(server, honest, packet(ECHO_ID, b"after")) == (ECHO_ID, b"after")

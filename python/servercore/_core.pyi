@@ -313,6 +313,7 @@ class SessionOptions(TypedDict, total=False):
 class ServerOptions(SessionOptions, total=False):
     max_sessions: int
     max_sessions_per_address: int | None
+    max_accepts_per_second: int | None
     trusted_addresses: Iterable[str]
     backlog: int
 

@@ -119,7 +119,11 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
     match key {
         "io_threads" if none => {}
         "io_threads" => config.io_threads = count("io_threads", value, IO_THREADS)? as usize,
-        "max_sessions" | "backlog" | "max_sessions_per_address" | "trusted_addresses"
+        "max_sessions"
+        | "backlog"
+        | "max_sessions_per_address"
+        | "max_accepts_per_second"
+        | "trusted_addresses"
             if role == Role::Client =>
         {
             return Err(PyTypeError::new_err(format!(
@@ -139,6 +143,11 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
                 Some(count("max_sessions_per_address", value, MAX_SESSIONS)? as usize)
         }
         "trusted_addresses" => config.trusted_addresses = addresses("trusted_addresses", value)?,
+        "max_accepts_per_second" if none => config.max_accepts_per_second = None,
+        "max_accepts_per_second" => {
+            let rate = count("max_accepts_per_second", value, MAX_PACKETS_PER_SECOND)?;
+            config.max_accepts_per_second = Some(rate as u32);
+        }
         "connect_timeout" => config.connect_timeout = seconds("connect_timeout", value, TIMEOUT)?,
         "shutdown_grace" => config.shutdown_grace = seconds("shutdown_grace", value, WAIT)?,
         "max_packet_size" => {
