@@ -3,7 +3,7 @@
 //! The server adds an accept loop; the client connects N sessions.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,11 +90,27 @@ impl ServiceShared {
         victim.close_with_detail(DisconnectReason::Evicted, detail)
     }
 
-    /// The per-address limit, if `address` has reached it (and is not trusted).
-    fn crowded(&self, address: std::net::IpAddr) -> Option<usize> {
-        let limit = self.config.max_sessions_per_address?;
-        let at_limit = self.registry.sessions_from(address) >= limit;
-        (at_limit && !self.config.trusted_addresses.contains(&address)).then_some(limit)
+    /// Whether a connection from `address` may become a session: the
+    /// per-address rate and count first (trusted addresses skip them), then
+    /// room, which a full server makes by evicting a silent session.
+    fn admit(&self, address: IpAddr, rates: &mut Option<AcceptRate>) -> Result<(), Refusal> {
+        if !self.config.trusted_addresses.contains(&address) {
+            if let Some(rates) = rates.as_mut()
+                && !rates.admit(address, Instant::now())
+            {
+                return Err(Refusal::Rate);
+            }
+            if let Some(limit) = self.config.max_sessions_per_address
+                && self.registry.sessions_from(address) >= limit
+            {
+                return Err(Refusal::PerAddress(limit));
+            }
+        }
+        let max_sessions = self.config.max_sessions;
+        if self.registry.len() >= max_sessions && !self.evict_a_silent_session() {
+            return Err(Refusal::Full(max_sessions));
+        }
+        Ok(())
     }
 
     /// The application's end of the event queue, keeping `T` per session.
@@ -446,9 +462,7 @@ fn configure_socket(stream: &impl AsFd, config: &SessionConfig) -> io::Result<()
 
 async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<ServiceShared>) {
     let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
-    let mut rejected = ThrottledLog::new(Duration::from_secs(5));
-    let mut crowded = ThrottledLog::new(Duration::from_secs(5));
-    let mut hurried = ThrottledLog::new(Duration::from_secs(5));
+    let mut refusals = Refusals::default();
     let mut rates = shared.config.max_accepts_per_second.map(AcceptRate::new);
     let mut backoff = Duration::ZERO;
     loop {
@@ -457,44 +471,13 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
                 shared.context.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let address = peer.ip();
-                let trusted = shared.config.trusted_addresses.contains(&address);
-                if let Some(rates) = rates.as_mut().filter(|_| !trusted) {
-                    if !rates.admit(address, Instant::now()) {
-                        shared.context.stats.rejected_rate.fetch_add(1, Ordering::Relaxed);
-                        hurried.warn(|suppressed| {
-                            format!(
-                                "{peer}: refused, over max_accepts_per_second from this address{suppressed}"
-                            )
-                        });
-                        drop(stream);
-                        continue;
+                match shared.admit(peer.ip(), &mut rates) {
+                    Ok(()) => {
+                        shared.start_session(stream, peer);
                     }
+                    // Closed before it is a session: no Python ever hears of it.
+                    Err(refusal) => refusals.note(&shared.context.stats, peer, refusal),
                 }
-                let max_sessions = shared.config.max_sessions;
-                // Full: a connection that has sent nothing yet gives its slot
-                // to the newcomer, so silent sockets cannot keep players out.
-                let full = shared.registry.len() >= max_sessions;
-                let evicted = full && shared.evict_a_silent_session();
-                if full && !evicted {
-                    shared.context.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    rejected.warn(|suppressed| {
-                        format!("{peer}: refused, max_sessions {max_sessions} reached{suppressed}")
-                    });
-                    drop(stream);
-                    continue;
-                }
-                if let Some(limit) = shared.crowded(peer.ip()) {
-                    shared.context.stats.rejected_per_address.fetch_add(1, Ordering::Relaxed);
-                    crowded.warn(|suppressed| {
-                        format!(
-                            "{peer}: refused, max_sessions_per_address {limit} from this address{suppressed}"
-                        )
-                    });
-                    drop(stream);
-                    continue;
-                }
-                shared.start_session(stream, peer);
             }
             Err(error) if is_out_of_resources(&error) => {
                 // The pending connection stays in the backlog; retrying at once
@@ -508,6 +491,56 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
             // The connection died in the backlog (ECONNABORTED and kin): next one.
             Err(_) => {}
         }
+    }
+}
+
+/// Why the accept loop closed a connection before it became a session.
+enum Refusal {
+    /// Its address opens connections faster than `max_accepts_per_second`.
+    Rate,
+    /// Its address has `max_sessions_per_address` open.
+    PerAddress(usize),
+    /// `max_sessions` are open and none of them is silent.
+    Full(usize),
+}
+
+/// Counts refusals, and logs each kind at most once per 5 s.
+struct Refusals {
+    rate: ThrottledLog,
+    per_address: ThrottledLog,
+    full: ThrottledLog,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        let period = Duration::from_secs(5);
+        Self {
+            rate: ThrottledLog::new(period),
+            per_address: ThrottledLog::new(period),
+            full: ThrottledLog::new(period),
+        }
+    }
+}
+
+impl Refusals {
+    fn note(&mut self, stats: &ServiceStats, peer: SocketAddr, refusal: Refusal) {
+        let (counter, log, why) = match refusal {
+            Refusal::Rate => (
+                &stats.rejected_rate,
+                &mut self.rate,
+                "over max_accepts_per_second from this address".to_owned(),
+            ),
+            Refusal::PerAddress(limit) => (
+                &stats.rejected_per_address,
+                &mut self.per_address,
+                format!("max_sessions_per_address {limit} from this address"),
+            ),
+            Refusal::Full(limit) => {
+                (&stats.rejected, &mut self.full, format!("max_sessions {limit} reached"))
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        log.warn(|suppressed| format!("{peer}: refused, {why}{suppressed}"));
     }
 }
 
