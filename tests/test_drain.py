@@ -55,6 +55,14 @@ class DrainServer:
             sock.connect(("127.0.0.1", self.port))
             clients.append(sock)
             self.expect("connected")
+            # An echo comes back once on_connected has returned, so the
+            # session is announced: the drain's goodbye broadcast reaches it.
+            ping = HEADER.pack(8, 1) + b"ping"
+            sock.sendall(ping)
+            echo = b""
+            while len(echo) < len(ping):
+                echo += sock.recv(len(ping) - len(echo))
+            assert echo == ping
         return clients
 
     def finish(self, timeout: float = 15) -> tuple[list[list[str]], str]:
