@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Annotated
 
 import pytest
 
+import servercore
+from aio_support import Run
 from servercore import DisconnectReason, Room, Server
 from servercore.packets import (
     Fixed,
@@ -280,3 +283,34 @@ def test_protobuf_messages_are_routed_by_id_too(
     bad.send(packet(5, b"\xff\xff"))
     poll_until(server, lambda: DisconnectReason.MALFORMED_PACKET in got)
     assert got == ["hello", DisconnectReason.MALFORMED_PACKET] and len(server) == 1
+
+
+def test_async_handlers_route_on_a_loop_in_order(run: Run) -> None:
+    """A router's handler may be `async def`: on a loop it runs as a task,
+    and the session's next packet waits for it, as for any async callback."""
+    router = Router("async")
+    log: list[tuple[str, int]] = []
+
+    @router.on(Move)
+    async def on_move(session: RoutedSession, move: Move) -> None:
+        log.append(("start", move.seq))
+        await asyncio.sleep(0.002 * (move.seq % 3))
+        log.append(("end", move.seq))
+        session.send(move)
+
+    class Mover(RoutedSession):
+        pass
+
+    Mover.router = router
+
+    async def main() -> None:
+        async with Server(Mover, "127.0.0.1", 0, packet_ids=router.packet_ids) as server:
+            conn = await servercore.connect("127.0.0.1", server.port)
+            for seq in range(10):
+                conn.send(Move(to=Vec2(x=0.0, y=0.0), seq=seq))
+            replies = [Move.decode((await conn.recv(timeout=5))[1]).seq for _ in range(10)]
+            assert replies == list(range(10))
+            await conn.close()
+
+    run(main)
+    assert log == [(step, seq) for seq in range(10) for step in ("start", "end")]
