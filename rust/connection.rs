@@ -726,6 +726,9 @@ impl Drop for Farewell {
     fn drop(&mut self) {
         let reason = self.seal(DisconnectReason::Reset);
         let handle = &self.handle;
+        // Sealed, so it can join no room again; out of every room before its
+        // Disconnected is queued, so on_disconnected never finds it in one.
+        handle.leave_all();
         let context = &handle.context;
         context.stats.count_disconnect(reason);
         let mut level =

@@ -875,11 +875,9 @@ impl Drop for Task {
 /// Ends a connection: dropping it closes the socket and queues its
 /// `Disconnected`; then it leaves the registry.
 fn retire(connection: Connection, registry: &SessionRegistry) {
-    let handle = connection.handle().clone();
+    let id = connection.handle().id();
     drop(connection);
-    // Out of its rooms before it is out of the service: nothing is sent to it after.
-    handle.leave_all();
-    registry.remove(handle.id());
+    registry.remove(id);
 }
 
 #[cfg(test)]

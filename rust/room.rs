@@ -3,13 +3,12 @@
 //! costs what a server-wide broadcast costs per recipient.
 //!
 //! A session leaves every room it is in when it ends, before its
-//! `Disconnected` is delivered and before anything can be sent to it again
-//! (the reactor retires it: [`SessionHandle::leave_all`]). A session that has
-//! ended cannot join. The join and the end are ordered by the session's own
-//! lock ([`SessionHandle::join`]), so no ended session stays behind in a room
+//! `Disconnected` is queued (its connection's farewell calls
+//! [`SessionHandle::leave_all`]). A session that is closing or closed cannot
+//! join. The join and the end are ordered by the service's membership lock
+//! ([`SessionHandle::join`]), so no ended session stays behind in a room
 //! (the lecture's stale member in `Room::Broadcast`). Lock order: the
-//! session's memberships, then the room's members; a broadcast takes only the
-//! room's.
+//! memberships, then the room's members; a broadcast takes only the room's.
 //!
 //! Each member carries a value `T` of the application's (the bindings keep
 //! the Python session object there).
