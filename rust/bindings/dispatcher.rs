@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyBytes;
 use rustc_hash::FxHashMap;
 
 use super::logging;
@@ -633,23 +633,17 @@ impl Dispatcher {
         handle: &SessionHandle,
         callback: &str,
     ) -> PyResult<()> {
-        let Err(error) = result else { return Ok(()) };
-        if !error.is_instance_of::<PyException>(py) {
-            return Err(error);
-        }
-        logging::flush(py)?;
         let closes = callback != "on_disconnected";
-        let message = format!(
-            "{}.{callback} raised in session {} ({}){}",
-            self.class.name(py),
-            handle.id(),
-            handle.peer(),
-            if closes { "; disconnecting it with CALLBACK_ERROR" } else { "" }
-        );
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("exc_info", error.into_value(py))?;
-        logging::logger(py)?.call_method(intern!(py, "error"), (message,), Some(&kwargs))?;
-        if closes {
+        let raised = logging::log_exception(py, result, || {
+            format!(
+                "{}.{callback} raised in session {} ({}){}",
+                self.class.name(py),
+                handle.id(),
+                handle.peer(),
+                if closes { "; disconnecting it with CALLBACK_ERROR" } else { "" }
+            )
+        })?;
+        if raised && closes {
             handle.close(DisconnectReason::CallbackError);
         }
         Ok(())

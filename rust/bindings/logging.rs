@@ -9,8 +9,10 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use pyo3::exceptions::PyException;
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 const MAX_QUEUED_RECORDS: usize = 10_000;
 
@@ -116,6 +118,26 @@ pub fn flush(py: Python<'_>) -> PyResult<()> {
         }
     }
     Ok(())
+}
+
+/// An exception that Python code of the application raised (a callback, a
+/// timer, a hook) is logged at ERROR with its traceback, after the engine's
+/// own queued records; returns whether there was one. A KeyboardInterrupt or
+/// SystemExit is not swallowed: it comes back as the error.
+pub fn log_exception<T>(
+    py: Python<'_>,
+    result: PyResult<T>,
+    message: impl FnOnce() -> String,
+) -> PyResult<bool> {
+    let Err(error) = result else { return Ok(false) };
+    if !error.is_instance_of::<PyException>(py) {
+        return Err(error);
+    }
+    flush(py)?;
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("exc_info", error.into_value(py))?;
+    logger(py)?.call_method(intern!(py, "error"), (message(),), Some(&kwargs))?;
+    Ok(true)
 }
 
 /// `logging.getLogger("servercore")`.

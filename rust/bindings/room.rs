@@ -8,8 +8,7 @@ use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyList;
 
-use super::send_buffer::bytes_from_args;
-use super::session::PySession;
+use super::session::{PySession, broadcast_args};
 use crate::room::{JoinError, Room};
 use crate::session::SessionId;
 
@@ -66,11 +65,8 @@ impl PyRoom {
         // Before its first member a room belongs to no service yet: there is
         // no framing to encode for, and no one to send to.
         let Some(context) = self.room.context() else { return Ok(0) };
-        let config = &context.config;
-        let (max_packet, max_queue) = (context.max_packet_size(), config.max_send_queue_bytes);
-        let bytes = bytes_from_args(config.framing, packet, payload, max_packet, max_queue)?;
-        let exclude = exclude.map(|s| s.get().session_id()).transpose()?;
-        Ok(self.room.broadcast(&bytes, exclude.map(SessionId)).queued)
+        let (bytes, exclude) = broadcast_args(&context.config, packet, payload, exclude)?;
+        Ok(self.room.broadcast(&bytes, exclude).queued)
     }
 
     fn __contains__(&self, session: &Bound<'_, PyAny>) -> bool {

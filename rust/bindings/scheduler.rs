@@ -11,20 +11,18 @@
 //!
 //! The scheduler is shared with other threads (they may post, schedule and
 //! cancel), so it holds its state under a lock. It never runs Python while
-//! holding the lock.
+//! holding the lock. A count of what it holds, readable without the lock,
+//! lets every wait and delivery of a service that has no jobs (most) skip it.
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering as Order, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyException;
-use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyTuple;
 use pyo3::{PyTraverseError, PyVisit};
-use rustc_hash::FxHashMap;
 
 use super::logging;
 
@@ -75,26 +73,75 @@ impl PyTimer {
     }
 }
 
-/// A due time and the order it was scheduled in: timers due at the same
-/// instant run in the order they were made.
-type Slot = Reverse<(Instant, u64)>;
+/// A timer's next run: timers due at the same instant run in the order
+/// they were scheduled (`order`).
+struct Slot {
+    at: Instant,
+    order: u64,
+    timer: Py<PyTimer>,
+}
+
+impl Slot {
+    /// The heap is a max-heap: the earliest slot must compare greatest.
+    fn key(&self) -> Reverse<(Instant, u64)> {
+        Reverse((self.at, self.order))
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Slot {}
+
+impl PartialOrd for Slot {
+    fn partial_cmp(&self, other: &Self) -> Option<Order> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Slot {
+    fn cmp(&self, other: &Self) -> Order {
+        self.key().cmp(&other.key())
+    }
+}
 
 #[derive(Default)]
 struct State {
     due: BinaryHeap<Slot>,
-    timers: FxHashMap<u64, Py<PyTimer>>,
     posted: VecDeque<(Py<PyAny>, Py<PyTuple>)>,
     next_order: u64,
+}
+
+impl State {
+    fn push(&mut self, at: Instant, timer: Py<PyTimer>) {
+        let order = self.next_order;
+        self.next_order += 1;
+        self.due.push(Slot { at, order, timer });
+    }
 }
 
 #[derive(Default)]
 pub struct Scheduler {
     state: Mutex<State>,
+    /// Timers and posted calls held, kept with the state under its lock.
+    held: AtomicUsize,
 }
 
 impl Scheduler {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether there is nothing at all: the common case, and no lock taken.
+    fn is_empty(&self) -> bool {
+        self.held.load(Ordering::SeqCst) == 0
+    }
+
+    fn count(&self, state: &State) {
+        self.held.store(state.due.len() + state.posted.len(), Ordering::SeqCst);
     }
 
     /// Schedules `callback(*args)` after `delay`, and every `interval` after
@@ -117,34 +164,39 @@ impl Scheduler {
                 late_ticks: AtomicU64::new(0),
             },
         )?;
-        let at = Instant::now() + delay;
         let mut state = self.lock();
-        let order = state.next_order;
-        state.next_order += 1;
-        state.due.push(Reverse((at, order)));
-        state.timers.insert(order, timer.clone_ref(py));
+        state.push(Instant::now() + delay, timer.clone_ref(py));
+        self.count(&state);
         Ok(timer)
     }
 
     /// Queues `callback(*args)` for the polling thread's next delivery.
     pub fn post(&self, callback: Py<PyAny>, args: Py<PyTuple>) {
-        self.lock().posted.push_back((callback, args));
+        let mut state = self.lock();
+        state.posted.push_back((callback, args));
+        self.count(&state);
     }
 
     /// When the next job is due: now if a call is posted, else the earliest
     /// timer's time (cancelled ones included: running them is a no-op).
     pub fn next_due(&self) -> Option<Instant> {
+        if self.is_empty() {
+            return None;
+        }
         let state = self.lock();
         if !state.posted.is_empty() {
             return Some(Instant::now());
         }
-        state.due.peek().map(|Reverse((at, _))| *at)
+        state.due.peek().map(|slot| slot.at)
     }
 
     /// Whether a job is due at `now`: a posted call, or a timer's time has come.
     pub fn is_due(&self, now: Instant) -> bool {
+        if self.is_empty() {
+            return false;
+        }
         let state = self.lock();
-        !state.posted.is_empty() || state.due.peek().is_some_and(|Reverse((at, _))| *at <= now)
+        !state.posted.is_empty() || state.due.peek().is_some_and(|slot| slot.at <= now)
     }
 
     /// How long a wait may last before a job is due: `limit`, or less.
@@ -162,36 +214,43 @@ impl Scheduler {
     /// how many ran. An exception in one is logged and the others still run;
     /// a KeyboardInterrupt or SystemExit goes up (what was not run stays).
     pub fn run_due(&self, py: Python<'_>) -> PyResult<usize> {
+        if self.is_empty() {
+            return Ok(0);
+        }
         let mut ran = 0;
         // Only what was posted before this look: a call that posts again
         // runs at the next delivery, not in a loop here.
-        let posted = std::mem::take(&mut self.lock().posted);
+        let posted = {
+            let mut state = self.lock();
+            let posted = std::mem::take(&mut state.posted);
+            self.count(&state);
+            posted
+        };
         let mut posted = posted.into_iter();
         while let Some((callback, args)) = posted.next() {
             let result = callback.bind(py).call1(args.bind(py));
-            if let Err(error) = report(py, result.map(drop), callback.bind(py), "posted call") {
+            if let Err(error) = report(py, result, callback.bind(py), "posted call") {
                 // Not run yet: back in front of anything posted meanwhile.
                 let mut state = self.lock();
                 for job in posted.rev() {
                     state.posted.push_front(job);
                 }
+                self.count(&state);
                 return Err(error);
             }
             ran += 1;
         }
         let now = Instant::now();
         loop {
-            let timer = {
+            let Slot { at, timer, .. } = {
                 let mut state = self.lock();
-                match state.due.peek() {
-                    Some(Reverse((at, _))) if *at <= now => {}
-                    _ => break,
+                if state.due.peek().is_none_or(|slot| slot.at > now) {
+                    break;
                 }
-                let Reverse((at, order)) = state.due.pop().expect("peeked");
-                let Some(timer) = state.timers.remove(&order) else { continue };
-                (at, timer)
+                let slot = state.due.pop().expect("peeked");
+                self.count(&state);
+                slot
             };
-            let (at, timer) = timer;
             let job = timer.get();
             if job.cancelled() {
                 continue;
@@ -200,7 +259,7 @@ impl Scheduler {
                 self.reschedule(py, &timer, at, interval, now);
             }
             let result = job.callback.bind(py).call1(job.args.bind(py));
-            report(py, result.map(drop), job.callback.bind(py), "timer")?;
+            report(py, result, job.callback.bind(py), "timer")?;
             ran += 1;
         }
         Ok(ran)
@@ -217,10 +276,8 @@ impl Scheduler {
             next += interval * skipped;
         }
         let mut state = self.lock();
-        let order = state.next_order;
-        state.next_order += 1;
-        state.due.push(Reverse((next, order)));
-        state.timers.insert(order, timer.clone_ref(py));
+        state.push(next, timer.clone_ref(py));
+        self.count(&state);
     }
 
     /// Drops every job (the service has finished): nothing runs after the
@@ -228,15 +285,15 @@ impl Scheduler {
     pub fn clear(&self) {
         let mut state = self.lock();
         state.due.clear();
-        state.timers.clear();
         state.posted.clear();
+        self.count(&state);
     }
 
     /// For the garbage collector: the timers' and posted calls' callables.
     pub fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         let Ok(state) = self.state.try_lock() else { return Ok(()) };
-        for timer in state.timers.values() {
-            visit.call(timer)?;
+        for slot in state.due.iter() {
+            visit.call(&slot.timer)?;
         }
         for (callback, args) in &state.posted {
             visit.call(callback)?;
@@ -246,21 +303,14 @@ impl Scheduler {
     }
 }
 
-/// An exception from a job is logged with its traceback on the `servercore`
-/// logger; KeyboardInterrupt and SystemExit go up.
-fn report(py: Python<'_>, result: PyResult<()>, callback: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
-    let Err(error) = result else { return Ok(()) };
-    if !error.is_instance_of::<PyException>(py) {
-        return Err(error);
-    }
-    logging::flush(py)?;
-    let name = callback.repr().map(|r| r.to_string()).unwrap_or_default();
-    let kwargs = PyDict::new(py);
-    kwargs.set_item("exc_info", error.into_value(py))?;
-    logging::logger(py)?.call_method(
-        intern!(py, "error"),
-        (format!("{what} {name} raised"),),
-        Some(&kwargs),
-    )?;
-    Ok(())
+/// An exception from a job is logged with its traceback, naming the callable;
+/// KeyboardInterrupt and SystemExit go up.
+fn report(
+    py: Python<'_>,
+    result: PyResult<Bound<'_, PyAny>>,
+    callback: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<()> {
+    let name = || callback.repr().map(|r| r.to_string()).unwrap_or_default();
+    logging::log_exception(py, result, || format!("{what} {} raised", name())).map(drop)
 }

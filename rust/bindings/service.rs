@@ -41,8 +41,7 @@ use super::dispatcher::{Delivery, Dispatcher};
 use super::logging;
 use super::options::{self, Port, Role, SessionCount};
 use super::scheduler::{PyTimer, Scheduler};
-use super::send_buffer::bytes_from_args;
-use super::session::PySession;
+use super::session::{PySession, broadcast_args};
 use super::session_class::SessionClass;
 use crate::config::{ServiceConfig, limits};
 use crate::reason::DisconnectReason;
@@ -564,15 +563,7 @@ impl PyService {
             engine.service_mut().stop_accepting();
         }
         if let Some(hook) = on_stopping {
-            if let Err(error) = hook.call0() {
-                if !error.is_instance_of::<pyo3::exceptions::PyException>(py) {
-                    return Err(error);
-                }
-                let kwargs = PyDict::new(py);
-                kwargs.set_item("exc_info", error.into_value(py))?;
-                let message = "on_stopping raised; draining anyway";
-                logging::logger(py)?.call_method(intern!(py, "error"), (message,), Some(&kwargs))?;
-            }
+            logging::log_exception(py, hook.call0(), || "on_stopping raised; draining anyway".to_owned())?;
         }
         self.shut_down_engine_in_background(py, started, Some(self.config.shutdown_grace));
         logging::flush(py)
@@ -690,16 +681,8 @@ impl PyService {
         exclude: Option<&Bound<'_, PySession>>,
     ) -> PyResult<usize> {
         let started = self.started()?;
-        let session = &self.config.session;
-        let bytes = bytes_from_args(
-            session.framing,
-            packet,
-            payload,
-            self.config.max_packet_size(),
-            session.max_send_queue_bytes,
-        )?;
-        let exclude = exclude.map(|s| s.get().session_id()).transpose()?;
-        Ok(started.shared.broadcast(&bytes, exclude.map(SessionId)).queued)
+        let (bytes, exclude) = broadcast_args(&self.config.session, packet, payload, exclude)?;
+        Ok(started.shared.broadcast(&bytes, exclude).queued)
     }
 
     /// The connected sessions, oldest first (a snapshot).

@@ -12,17 +12,32 @@ use std::ptr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
+use bytes::Bytes;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 
-use super::send_buffer::with_wire_parts;
+use super::send_buffer::{bytes_from_args, with_wire_parts};
 use crate::coalesce;
-use crate::config::Framing;
+use crate::config::{Framing, SessionConfig};
 use crate::reason::DisconnectReason;
 use crate::send_buffer::SendBufferPool;
 use crate::send_queue::Push;
-use crate::session::SessionHandle;
+use crate::session::{SessionHandle, SessionId};
+
+/// What `broadcast(...)` was given (a service's or a room's), for sessions
+/// configured by `config`: the bytes, encoded once, and the session to skip.
+pub fn broadcast_args(
+    config: &SessionConfig,
+    packet: &Bound<'_, PyAny>,
+    payload: Option<&Bound<'_, PyAny>>,
+    exclude: Option<&Bound<'_, PySession>>,
+) -> PyResult<(Bytes, Option<SessionId>)> {
+    let max_packet = config.frame_limits.max_packet_size;
+    let bytes = bytes_from_args(config.framing, packet, payload, max_packet, config.max_send_queue_bytes)?;
+    let exclude = exclude.map(|s| s.get().session_id()).transpose()?;
+    Ok((bytes, exclude.map(SessionId)))
+}
 
 /// A connection's byte stream; override `on_recv` and return how many bytes you
 /// consumed. The lecture's `Session`.
