@@ -22,7 +22,12 @@ from pathlib import Path
 import pytest
 
 from servercore import DisconnectReason, Disconnected, PacketSession, Server
+from servercore.packets import Packet, u32
 from servercore.testing import TestClient
+
+
+class Ping(Packet, id=2):
+    seq: u32
 
 
 class Room(PacketSession):
@@ -108,3 +113,12 @@ def test_a_failing_test_still_stops_what_it_started(tmp_path: Path) -> None:
     )
     assert "1 failed, 1 passed" in result.stdout, result.stdout + result.stderr
     assert "expected packet 1; nothing arrived within 0.2 s" in result.stdout
+
+
+def test_a_client_sends_typed_packets(
+    servercore_server: ServerFactory, servercore_client: ClientFactory
+) -> None:
+    server = servercore_server(Room, packet_ids={1, 2, 3})
+    client = servercore_client(server)
+    client.send(Ping(seq=0x01020304))
+    assert client.expect_packet(2) == Ping(seq=0x01020304).encode()[::-1]

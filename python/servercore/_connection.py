@@ -31,7 +31,7 @@ from servercore._reason import DisconnectReason
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self, Unpack
 
-    from servercore._core import ClientOptions
+    from servercore._core import ClientOptions, TypedPacket
 
 Packet = tuple[int, bytes]
 """A received packet: its id and its payload."""
@@ -129,7 +129,7 @@ class Connection:
         return self._peer
 
     @overload
-    def send(self, packet: SendBuffer, payload: None = None, /) -> bool: ...
+    def send(self, packet: SendBuffer | TypedPacket, payload: None = None, /) -> bool: ...
     @overload
     def send(self, packet: int, payload: Buffer, /) -> bool: ...
     def send(self, packet: Any, payload: Any = None, /) -> bool:

@@ -40,7 +40,7 @@ from servercore._reason import DisconnectReason
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Unpack
 
-    from servercore._core import ClientOptions, ServerOptions
+    from servercore._core import ClientOptions, ServerOptions, TypedPacket
 
 __all__ = ["LoopThread", "TestClient", "servercore_client", "servercore_loop", "servercore_server"]
 
@@ -83,11 +83,12 @@ class TestClient:
         self._loop = loop
         self.connection = connection
 
-    def send(self, packet: int | SendBuffer, payload: Buffer | None = None, /) -> bool:
-        """Queues a packet: `send(packet_id, payload)` or `send(SendBuffer)`."""
+    def send(self, packet: int | SendBuffer | TypedPacket, payload: Buffer | None = None, /) -> bool:
+        """Queues a packet: `send(packet_id, payload)`, `send(SendBuffer)`, or a
+        typed packet (`servercore.packets.Packet`)."""
 
         async def send() -> bool:
-            if isinstance(packet, SendBuffer):
+            if not isinstance(packet, int):
                 return self.connection.send(packet)
             if payload is None:
                 raise TypeError("send(packet_id, payload) needs a payload (b'' for none)")
