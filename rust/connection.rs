@@ -159,8 +159,8 @@ pub(crate) struct Connection {
     /// The peer shut down its sending side; the session closes once the
     /// application has handled everything it sent.
     peer_finished: bool,
-    /// The peer has sent something (or no deadline was set for it). Until
-    /// then `packet_started` holds the connect time, and the deadline is
+    /// The peer has sent something. Until then, with `first_packet_timeout`,
+    /// `packet_started` holds the connect time, and the deadline is
     /// `first_packet_timeout` from it.
     greeted: bool,
     farewell: Farewell,
@@ -185,7 +185,7 @@ impl Connection {
             listed: false,
             paused: false,
             peer_finished: false,
-            greeted: !awaits_first_packet,
+            greeted: false,
             farewell: Farewell { handle, detail: None, sealed: None, linger_expired: false },
         }
     }
@@ -333,11 +333,10 @@ impl Connection {
                     self.last_received = Tick::now();
                     if !self.greeted {
                         // The first bytes: from here a packet's own deadline
-                        // (packet_timeout, from its first byte) takes over.
+                        // (packet_timeout, from its first byte) takes over,
+                        // and a full server no longer counts it as silent.
                         self.greeted = true;
                         self.packet_started = None;
-                    }
-                    if !self.handle().is_heard_from() {
                         self.handle().mark_heard_from();
                     }
                     if let Err(stop) = self.cut_events() {
