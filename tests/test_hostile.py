@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 
 import pytest
@@ -435,6 +436,74 @@ def test_a_full_server_evicts_a_silent_connection_for_a_newcomer(start_server, r
     poll_until(server, lambda: server.stats()["rejected"] == 1)
     assert late.wait_closed(2)
     assert len(ended) == 1 and len(server) == 10
+
+
+class BlockedHandler(logging.Handler):
+    """A log sink that stops taking records (stderr piped to a reader that
+    stopped reading) until it is released."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entered.set()
+        self.released.wait(30)
+        self.messages.append(record.getMessage())
+
+
+def test_a_blocked_log_handler_does_not_stall_the_game(start_server, raw_peers):
+    """The engine's records and the application's exceptions are emitted by a
+    log thread of servercore's own: while the handler hangs, honest players
+    are served, and once it takes records again, nothing is lost."""
+    class Echo(PacketSession):
+        def on_recv_packet(self, packet_id, payload):
+            if packet_id == 9:
+                raise ValueError("a handler bug")
+            self.send(packet_id, payload)
+
+    server = start_server(Echo)
+    honest = raw_peers(server.port, source="127.0.0.3")
+    logger = logging.getLogger("servercore")
+    handler = BlockedHandler()
+    logger.addHandler(handler)
+    try:
+        slowest = 0.0
+        attackers: set[str] = set()
+        for round_ in range(10):
+            for _ in range(20):
+                attacker = raw_peers(server.port)
+                attackers.add(f"127.0.0.1:{local_port(attacker)})")
+                send_ignoring_close(attacker, header(2, 1))
+                attacker.close()
+            buggy = raw_peers(server.port)
+            send_ignoring_close(buggy, packet(9, b"boom"))
+            started = time.monotonic()
+            assert exchange(server, honest, packet(ECHO_ID, SEQ.pack(round_))) == (ECHO_ID, SEQ.pack(round_))
+            slowest = max(slowest, time.monotonic() - started)
+            buggy.close()
+        assert handler.entered.is_set(), "no record reached the handler"
+        assert slowest < 0.5, f"an echo took {slowest * 1e3:.0f} ms while the log handler hung"
+        poll_until(server, lambda: server.stats()["disconnects"].get("CALLBACK_ERROR", 0) == 10, timeout=10)
+        assert handler.messages == [], "the handler was blocked"
+        handler.released.set()
+        poll_for(server, 0.2)
+
+        def logged(text: str) -> int:
+            return sum(text in message for message in handler.messages)
+
+        poll_until(server, lambda: logged("raised in session") == 10, timeout=10,
+                   message=lambda: f"{handler.messages}")
+        # The engine's own lines stay within the log limit (5 a reason, then summaries).
+        full = [m for m in handler.messages if "disconnected: INVALID_HEADER" in m
+                and any(attacker in m for attacker in attackers)]
+        assert 1 <= len(full) <= 5, handler.messages
+        assert exchange(server, honest, packet(ECHO_ID, b"after")) == (ECHO_ID, b"after")
+    finally:
+        handler.released.set()
+        logger.removeHandler(handler)
 
 
 def test_a_connection_churn_from_one_address_is_shed_at_accept(start_server, raw_peers):

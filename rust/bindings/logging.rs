@@ -1,32 +1,127 @@
 //! The crate's `log` records, handed to Python's `logging` (logger "servercore").
 //!
-//! I/O threads must never take the GIL, so they do not call `logging` themselves:
-//! records wait in a bounded queue and the thread that runs callbacks (`poll`,
-//! `stop`) emits them. If nobody polls for a long time the oldest records are
-//! dropped, and the next flush says how many.
+//! Log handlers are the application's code, and some are slow or stuck (a
+//! pipe nobody reads, a network sink). If the thread that runs callbacks
+//! called them, an attacker who makes the engine log would stall the game.
+//! So nothing on that thread or the I/O threads calls a handler: records wait
+//! in a bounded queue (the oldest dropped and counted when it is full), and a
+//! thread of the bridge's own, "servercore-log", emits them.
+//!
+//! To keep records in order with the callbacks in the common case, the
+//! polling thread waits for the log thread at each `flush`, but only while it
+//! makes progress: once one record has taken `SLOW_RECORD`, or the wait has
+//! taken `MAX_FLUSH_WAIT`, it goes back to the game and the records follow
+//! when the handler lets them.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyException;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyCFunction, PyDict};
 
+/// Records the queue holds; past it the oldest go, counted.
 const MAX_QUEUED_RECORDS: usize = 10_000;
 
+/// A record whose handler takes longer than this is a slow handler: the
+/// polling thread stops waiting for the log thread.
+const SLOW_RECORD: Duration = Duration::from_millis(2);
+
+/// The most one flush waits, however well the log thread is doing (it may
+/// simply not have been scheduled yet on a busy machine).
+const MAX_FLUSH_WAIT: Duration = Duration::from_millis(20);
+
+/// How long interpreter exit waits for the log thread to emit what is queued.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
 struct QueuedRecord {
-    level: log::Level,
+    level: u32,
     message: String,
+    /// An application's exception, logged with its traceback.
+    exception: Option<Py<PyAny>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pump {
+    NotStarted,
+    Running,
+    /// Interpreter exit (or a failed spawn): whoever flushes emits the records itself.
+    Gone,
+}
+
+struct Queue {
+    records: VecDeque<QueuedRecord>,
+    /// Dropped since the last notice about it.
+    dropped: u64,
+    /// Records ever queued, and of those, how many are emitted or dropped:
+    /// a flush waits for the second to reach what the first was.
+    queued_total: u64,
+    done_total: u64,
+    pump: Pump,
+    /// When the log thread began the record it is emitting now.
+    emitting_since: Option<Instant>,
 }
 
 struct LogBridge {
-    records: Mutex<VecDeque<QueuedRecord>>,
-    dropped: AtomicU64,
+    queue: Mutex<Queue>,
+    /// The log thread waits on it for records.
+    records_queued: Condvar,
+    /// Flushes wait on it for the log thread.
+    records_done: Condvar,
+    /// Whether a record is queued or being emitted: the polling thread's
+    /// check in every poll, without the lock.
+    pending: AtomicBool,
 }
 
-static BRIDGE: LogBridge = LogBridge { records: Mutex::new(VecDeque::new()), dropped: AtomicU64::new(0) };
+static BRIDGE: LogBridge = LogBridge {
+    queue: Mutex::new(Queue {
+        records: VecDeque::new(),
+        dropped: 0,
+        queued_total: 0,
+        done_total: 0,
+        pump: Pump::NotStarted,
+        emitting_since: None,
+    }),
+    records_queued: Condvar::new(),
+    records_done: Condvar::new(),
+    pending: AtomicBool::new(false),
+};
+
+impl LogBridge {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, record: QueuedRecord) {
+        let mut queue = self.lock();
+        if queue.records.len() >= MAX_QUEUED_RECORDS {
+            queue.records.pop_front();
+            queue.dropped += 1;
+            self.done(&mut queue, 1);
+        }
+        queue.records.push_back(record);
+        queue.queued_total += 1;
+        self.pending.store(true, Ordering::Release);
+        drop(queue);
+        self.records_queued.notify_one();
+    }
+
+    /// Takes what is queued, with the count of what was dropped.
+    fn take(queue: &mut Queue) -> (Vec<QueuedRecord>, u64) {
+        (queue.records.drain(..).collect(), std::mem::take(&mut queue.dropped))
+    }
+
+    /// Counts records as emitted; the last one clears `pending`.
+    fn done(&self, queue: &mut Queue, records: u64) {
+        queue.done_total += records;
+        if queue.done_total == queue.queued_total {
+            self.pending.store(false, Ordering::Release);
+        }
+    }
+}
 
 impl log::Log for LogBridge {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
@@ -34,27 +129,28 @@ impl log::Log for LogBridge {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
+        if self.enabled(record.metadata()) {
+            let level = python_level(record.level());
+            self.push(QueuedRecord { level, message: record.args().to_string(), exception: None });
         }
-        let queued = QueuedRecord { level: record.level(), message: record.args().to_string() };
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        if records.len() >= MAX_QUEUED_RECORDS {
-            records.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        records.push_back(queued);
     }
 
     fn flush(&self) {}
 }
 
 /// Routes the crate's log records to the bridge (once per process; if the
-/// embedding program installed its own `log` logger first, that one stays).
-pub fn install() {
+/// embedding program installed its own `log` logger first, that one stays),
+/// and stops the log thread when the interpreter exits, before it finalizes.
+pub fn install(module: &Bound<'_, PyModule>) -> PyResult<()> {
     if log::set_logger(&BRIDGE).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
     }
+    let py = module.py();
+    let stop = PyCFunction::new_closure(py, None, None, |args, _| {
+        args.py().detach(stop_pump);
+    })?;
+    py.import(intern!(py, "atexit"))?.call_method1(intern!(py, "register"), (stop,))?;
+    Ok(())
 }
 
 /// Matches the records the I/O threads format to what the Python logger would
@@ -71,59 +167,139 @@ pub fn follow_python_level(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-/// Records one flush emits at most: a log handler is Python code on the
-/// polling thread, and however slow it is, one poll must not spend long in
-/// it. The rest wait for the next flush (the queue is bounded and counts what
-/// it drops); the engine writes few warnings anyway (`log_limit`).
-const RECORDS_PER_FLUSH: usize = 256;
-
-/// How long one flush keeps emitting once a record took its time.
-const FLUSH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// Emits queued records (up to `RECORDS_PER_FLUSH`) through `logging.getLogger("servercore")`.
+/// Has the queued records emitted, waiting for the log thread only while it
+/// keeps up (see the module doc). Called by the polling thread around every
+/// delivery, so an empty queue costs one atomic load.
 pub fn flush(py: Python<'_>) -> PyResult<()> {
-    let records: Vec<QueuedRecord> = {
-        let mut queue = BRIDGE.records.lock().unwrap_or_else(|e| e.into_inner());
-        let take = queue.len().min(RECORDS_PER_FLUSH);
-        queue.drain(..take).collect()
-    };
-    let dropped = BRIDGE.dropped.swap(0, Ordering::Relaxed);
-    if records.is_empty() && dropped == 0 {
+    if !BRIDGE.pending.load(Ordering::Acquire) {
         return Ok(());
     }
-    let logger = logger(py)?;
-    if dropped > 0 {
-        logger.call_method1(
-            intern!(py, "warning"),
-            (format!(
-                "{dropped} log records were dropped: more came than were emitted (nobody polled, or a flood)"
-            ),),
-        )?;
+    let mut queue = BRIDGE.lock();
+    if queue.pump == Pump::NotStarted {
+        queue.pump = match std::thread::Builder::new().name("servercore-log".into()).spawn(pump) {
+            Ok(_) => Pump::Running,
+            Err(_) => Pump::Gone,
+        };
     }
-    // A slow handler gets a few milliseconds per flush; what is left goes
-    // back to the front of the queue for the next one.
-    let started = std::time::Instant::now();
-    let mut records = records.into_iter();
-    for record in records.by_ref() {
-        logger.call_method1(intern!(py, "log"), (python_level(record.level), record.message))?;
-        if started.elapsed() > FLUSH_BUDGET {
-            break;
-        }
+    if queue.pump == Pump::Gone {
+        let (records, dropped) = LogBridge::take(&mut queue);
+        drop(queue);
+        return emit(py, records, dropped);
     }
-    let left: Vec<QueuedRecord> = records.collect();
-    if !left.is_empty() {
-        let mut queue = BRIDGE.records.lock().unwrap_or_else(|e| e.into_inner());
-        for record in left.into_iter().rev() {
-            queue.push_front(record);
-        }
-    }
+    let target = queue.queued_total;
+    drop(queue);
+    py.detach(|| wait_for_pump(target));
     Ok(())
 }
 
+fn wait_for_pump(target: u64) {
+    let give_up = Instant::now() + MAX_FLUSH_WAIT;
+    let mut queue = BRIDGE.lock();
+    BRIDGE.records_queued.notify_one();
+    loop {
+        let now = Instant::now();
+        let stuck = queue.emitting_since.is_some_and(|since| now.duration_since(since) >= SLOW_RECORD);
+        if queue.done_total >= target || queue.pump != Pump::Running || stuck || now >= give_up {
+            return;
+        }
+        // Woken by each record done; the slices notice a record that hangs.
+        let slice = SLOW_RECORD.min(give_up - now);
+        queue = BRIDGE.records_done.wait_timeout(queue, slice).unwrap_or_else(|e| e.into_inner()).0;
+    }
+}
+
+/// The log thread: emits records as they come, until interpreter exit.
+fn pump() {
+    let mut queue = BRIDGE.lock();
+    loop {
+        while queue.records.is_empty() && queue.dropped == 0 && queue.pump == Pump::Running {
+            queue = BRIDGE.records_queued.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        if queue.pump != Pump::Running {
+            BRIDGE.records_done.notify_all();
+            return;
+        }
+        let (records, dropped) = LogBridge::take(&mut queue);
+        drop(queue);
+        Python::attach(|py| {
+            if dropped > 0 {
+                emit_one(py, dropped_notice(dropped));
+            }
+            for record in records {
+                BRIDGE.lock().emitting_since = Some(Instant::now());
+                emit_one(py, record);
+                let mut queue = BRIDGE.lock();
+                queue.emitting_since = None;
+                BRIDGE.done(&mut queue, 1);
+                drop(queue);
+                BRIDGE.records_done.notify_all();
+            }
+        });
+        queue = BRIDGE.lock();
+    }
+}
+
+/// At interpreter exit: the log thread emits what is queued (for up to
+/// `EXIT_WAIT`) and ends, so it never touches a finalizing interpreter;
+/// records after this are emitted by whoever flushes.
+fn stop_pump() {
+    let give_up = Instant::now() + EXIT_WAIT;
+    let mut queue = BRIDGE.lock();
+    if queue.pump != Pump::Running {
+        queue.pump = Pump::Gone;
+        return;
+    }
+    while queue.done_total < queue.queued_total && Instant::now() < give_up {
+        let slice = give_up.saturating_duration_since(Instant::now());
+        queue = BRIDGE.records_done.wait_timeout(queue, slice).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    queue.pump = Pump::Gone;
+    drop(queue);
+    BRIDGE.records_queued.notify_all();
+}
+
+fn emit(py: Python<'_>, records: Vec<QueuedRecord>, dropped: u64) -> PyResult<()> {
+    if dropped > 0 {
+        emit_one(py, dropped_notice(dropped));
+    }
+    let count = records.len() as u64;
+    for record in records {
+        emit_one(py, record);
+    }
+    BRIDGE.done(&mut BRIDGE.lock(), count);
+    Ok(())
+}
+
+fn dropped_notice(dropped: u64) -> QueuedRecord {
+    QueuedRecord {
+        level: python_level(log::Level::Warn),
+        message: format!(
+            "{dropped} log records were dropped: they came faster than the log handlers took them"
+        ),
+        exception: None,
+    }
+}
+
+/// One record through `logging.getLogger("servercore")`. Logging reports a
+/// failing handler itself (`Handler.handleError`); what fails here is
+/// `logging` itself, reported as unraisable so it is never lost.
+fn emit_one(py: Python<'_>, record: QueuedRecord) {
+    let emitted = logger(py).and_then(|logger| {
+        let kwargs = PyDict::new(py);
+        if let Some(exception) = record.exception {
+            kwargs.set_item(intern!(py, "exc_info"), exception)?;
+        }
+        logger.call_method(intern!(py, "log"), (record.level, record.message), Some(&kwargs))
+    });
+    if let Err(error) = emitted {
+        error.write_unraisable(py, None);
+    }
+}
+
 /// An exception that Python code of the application raised (a callback, a
-/// timer, a hook) is logged at ERROR with its traceback, after the engine's
-/// own queued records; returns whether there was one. A KeyboardInterrupt or
-/// SystemExit is not swallowed: it comes back as the error.
+/// timer, a hook) is logged at ERROR with its traceback, in order after the
+/// engine's own records; returns whether there was one. A KeyboardInterrupt
+/// or SystemExit is not swallowed: it comes back as the error.
 pub fn log_exception<T>(
     py: Python<'_>,
     result: PyResult<T>,
@@ -133,10 +309,12 @@ pub fn log_exception<T>(
     if !error.is_instance_of::<PyException>(py) {
         return Err(error);
     }
+    BRIDGE.push(QueuedRecord {
+        level: python_level(log::Level::Error),
+        message: message(),
+        exception: Some(error.into_value(py).into_any()),
+    });
     flush(py)?;
-    let kwargs = PyDict::new(py);
-    kwargs.set_item("exc_info", error.into_value(py))?;
-    logger(py)?.call_method(intern!(py, "error"), (message(),), Some(&kwargs))?;
     Ok(true)
 }
 

@@ -26,7 +26,7 @@ use crate::reason::DisconnectReason;
 
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
-    logging::install();
+    logging::install(module)?;
     module.add_class::<session::PySession>()?;
     module.add_class::<session::PyPacketSession>()?;
     module.add_class::<send_buffer::PySendBuffer>()?;
