@@ -223,6 +223,10 @@ pub struct ServiceConfig {
     /// Addresses the per-address limits do not apply to (NAT gateways, a
     /// load balancer you trust).
     pub trusted_addresses: Vec<std::net::IpAddr>,
+    /// Load balancers whose connections begin with a PROXY protocol header
+    /// (v1 or v2) naming the real client, which every per-address defence
+    /// and `peer` then use. Anyone else's PROXY header is refused (server only).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// The listen backlog (server only).
     pub backlog: u32,
     /// How long a client waits for each connection attempt.
@@ -250,6 +254,7 @@ impl Default for ServiceConfig {
                 std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
                 std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             ],
+            trusted_proxies: Vec::new(),
             backlog: 1024,
             connect_timeout: Duration::from_secs(10),
             inline_io: true,

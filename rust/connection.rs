@@ -33,6 +33,7 @@ use crate::clock::Tick;
 use crate::config::Framing;
 use crate::events::{Event, EventQueue};
 use crate::frame::FrameError;
+use crate::proxy_header;
 use crate::reason::DisconnectReason;
 use crate::recv_buffer::RecvBuffer;
 use crate::send_queue::write_gathered;
@@ -338,6 +339,9 @@ impl Connection {
                         self.greeted = true;
                         self.packet_started = None;
                         self.handle().mark_heard_from();
+                        if let Err(stop) = self.refuse_an_untrusted_proxy_header() {
+                            break Err(stop);
+                        }
                     }
                     if let Err(stop) = self.cut_events() {
                         break Err(stop);
@@ -370,6 +374,22 @@ impl Connection {
         // came in; an empty buffer need not keep any, which keeps idle sessions small.
         self.recv.release_if_empty();
         outcome
+    }
+
+    /// A trusted proxy's PROXY header is read before its connection is a
+    /// session; one that reaches a session came from someone who is not
+    /// trusted to name a client (and would otherwise end as INVALID_HEADER, or
+    /// wait out a deadline, with no word of why).
+    fn refuse_an_untrusted_proxy_header(&self) -> Result<(), Stop> {
+        let handle = self.handle();
+        if handle.context.config.framing == Framing::Packets
+            && proxy_header::starts_with_signature(self.recv.unread())
+        {
+            let detail =
+                format!("a PROXY protocol header, but {} is not in trusted_proxies", handle.peer().ip());
+            return Err(Stop::new(DisconnectReason::ProxyHeader, detail));
+        }
+        Ok(())
     }
 
     /// The peer shut down its sending side. What it sent is on its way to the
@@ -735,13 +755,7 @@ impl Drop for Farewell {
         if level == log::Level::Warn {
             // An attacker must not set the log rate: the first few of each
             // reason are written, the rest summed up once per interval.
-            let verdict = context.fault_log.admit(reason, handle.peer().ip(), std::time::Instant::now());
-            for summary in verdict.summaries {
-                log::warn!(target: "servercore", "{summary}");
-            }
-            if !verdict.log {
-                level = log::Level::Debug;
-            }
+            level = context.fault_log.level_for(reason, handle.peer().ip());
         }
         let said = context.take_close_detail(handle.id());
         let detail = match (said, self.detail.as_deref()) {

@@ -17,6 +17,7 @@
 //! - [`send_buffer`]: pooled chunks that packets are encoded into once and shared.
 //! - [`reason`], [`config`], [`stats`]: why sessions end, the limits, the counters.
 //! - [`log_limit`]: how many farewell warnings an attacker can make the server write.
+//! - [`proxy_header`]: the PROXY protocol header a trusted load balancer sends first.
 //! - [`wake_fd`]: an eventfd, to wake a thread that waits on descriptors.
 //! - [`events`]: what crosses to the application, by session id, in batches.
 //! - [`doorbell`], [`send_queue`]: how a session's driver is told of work, and
@@ -27,6 +28,7 @@
 //! - [`connection`]: a connection's driver, which owns the socket.
 //! - [`registry`]: the open sessions and the broadcast over them.
 //! - [`accept_rate`]: how fast one address may open connections.
+//! - [`admission`]: whether an accepted connection may become a session.
 //! - [`room`]: groups of sessions to broadcast to; a session leaves them when it ends.
 //! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
 //! - [`inbox`]: the application's end of the events, and what it owes for each.
@@ -36,6 +38,7 @@
 //! `python` feature and drive this crate like any other application would.
 
 pub mod accept_rate;
+pub mod admission;
 pub mod clock;
 pub mod coalesce;
 pub mod config;
@@ -46,6 +49,7 @@ pub mod events;
 pub mod frame;
 pub mod inbox;
 pub mod log_limit;
+pub mod proxy_header;
 pub mod reactor;
 pub mod reason;
 pub mod recv_buffer;

@@ -85,6 +85,17 @@ impl FaultLog {
         Verdict { log, summaries }
     }
 
+    /// The level to write a fault from `address` at: WARNING for the first
+    /// few of its reason in the interval, DEBUG for the rest. Writes the
+    /// summaries of an interval that just ended first.
+    pub fn level_for(&self, reason: DisconnectReason, address: IpAddr) -> log::Level {
+        let verdict = self.admit(reason, address, Instant::now());
+        for summary in verdict.summaries {
+            log::warn!(target: "servercore", "{summary}");
+        }
+        if verdict.log { log::Level::Warn } else { log::Level::Debug }
+    }
+
     /// The summaries still owed (the service is stopping).
     pub fn finish(&self, now: Instant) -> Vec<String> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).roll_over(now)
@@ -109,6 +120,33 @@ impl State {
             *counts = Counts::default();
         }
         summaries
+    }
+}
+
+/// At most one log line per period; the lines held back are counted in the next.
+pub struct ThrottledLog {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ThrottledLog {
+    pub fn new(period: Duration) -> Self {
+        Self { period, last: None, suppressed: 0 }
+    }
+
+    pub fn warn(&mut self, message: impl FnOnce(String) -> String) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < self.period) {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = match std::mem::take(&mut self.suppressed) {
+            0 => String::new(),
+            n => format!(" ({n} more like this since the last report)"),
+        };
+        self.last = Some(now);
+        log::warn!(target: "servercore", "{}", message(suppressed));
     }
 }
 

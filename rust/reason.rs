@@ -41,10 +41,13 @@ pub enum DisconnectReason {
     /// The server was full and this connection had sent nothing: its slot went
     /// to a newcomer.
     Evicted = 15,
+    /// A PROXY protocol header that may not be believed: from an address not
+    /// in `trusted_proxies`, or malformed, or missing from a trusted proxy.
+    ProxyHeader = 16,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 15] = [
+    pub const ALL: [DisconnectReason; 16] = [
         DisconnectReason::ClosedByPeer,
         DisconnectReason::Reset,
         DisconnectReason::ClosedLocally,
@@ -60,6 +63,7 @@ impl DisconnectReason {
         DisconnectReason::MalformedPacket,
         DisconnectReason::FirstPacketTimeout,
         DisconnectReason::Evicted,
+        DisconnectReason::ProxyHeader,
     ];
 
     pub fn code(self) -> u8 {
@@ -88,6 +92,7 @@ impl DisconnectReason {
             DisconnectReason::MalformedPacket => "MALFORMED_PACKET",
             DisconnectReason::FirstPacketTimeout => "FIRST_PACKET_TIMEOUT",
             DisconnectReason::Evicted => "EVICTED",
+            DisconnectReason::ProxyHeader => "PROXY_HEADER",
         }
     }
 

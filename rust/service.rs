@@ -3,11 +3,11 @@
 //! The server adds an accept loop; the client connects N sessions.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
@@ -16,12 +16,14 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
-use crate::accept_rate::AcceptRate;
+use crate::admission::Admission;
 use crate::config::{ServiceConfig, SessionConfig};
 use crate::connection::Connection;
 use crate::context::SessionContext;
 use crate::events::Event;
 use crate::inbox::Inbox;
+use crate::log_limit::ThrottledLog;
+use crate::proxy_header;
 use crate::reactor::Reactors;
 use crate::reason::DisconnectReason;
 use crate::registry::{BroadcastOutcome, SessionRegistry};
@@ -38,6 +40,10 @@ pub struct ServiceShared {
     pub pool: &'static SendBufferPool,
     reactors: Reactors,
     next_id: AtomicU64,
+    admission: Admission,
+    /// Connections from trusted proxies whose PROXY header is being read:
+    /// they hold a socket, so they count against `max_sessions`.
+    proxy_handshakes: AtomicUsize,
     /// Ends a shutdown's wait for its sessions to flush (a second signal).
     hurry: tokio::sync::Notify,
 }
@@ -50,11 +56,13 @@ impl ServiceShared {
         let reactors = Reactors::start(runtime, config.io_threads, config.inline_io, &context, &registry)?;
         Ok(Arc::new(ServiceShared {
             context,
+            admission: Admission::new(&config),
             config,
             registry,
             pool: SendBufferPool::global(),
             reactors,
             next_id: AtomicU64::new(1),
+            proxy_handshakes: AtomicUsize::new(0),
             hurry: tokio::sync::Notify::new(),
         }))
     }
@@ -90,27 +98,48 @@ impl ServiceShared {
         victim.close_with_detail(DisconnectReason::Evicted, detail)
     }
 
-    /// Whether a connection from `address` may become a session: the
-    /// per-address rate and count first (trusted addresses skip them), then
-    /// room, which a full server makes by evicting a silent session.
-    fn admit(&self, address: IpAddr, rates: &mut Option<AcceptRate>) -> Result<(), Refusal> {
-        if !self.config.trusted_addresses.contains(&address) {
-            if let Some(rates) = rates.as_mut()
-                && !rates.admit(address, Instant::now())
-            {
-                return Err(Refusal::Rate);
+    /// Whether a connection from `peer` may become a session (the
+    /// `admission` module); a refusal is counted and logged.
+    fn admit(&self, peer: SocketAddr) -> bool {
+        let stats = &self.context.stats;
+        let evict = || self.evict_a_silent_session();
+        self.admission.admit(peer, &self.config, &self.registry, stats, evict)
+    }
+
+    /// A trusted proxy's connection: its PROXY header names the client, who
+    /// is then admitted like a direct connection. A connection whose header
+    /// is missing, malformed or late never becomes a session (PROXY_HEADER).
+    async fn accept_proxied(self: Arc<Self>, stream: mio::net::TcpStream, proxy: SocketAddr) {
+        let handshakes = self.proxy_handshakes.fetch_add(1, Ordering::Relaxed);
+        let outcome = if handshakes + self.registry.len() >= self.config.max_sessions {
+            Err(format!(
+                "max_sessions {} reached, with {handshakes} PROXY headers awaited",
+                self.config.max_sessions
+            ))
+        } else {
+            match tokio::time::timeout(proxy_header::HEADER_TIMEOUT, proxy_header::read(stream)).await {
+                Ok(read) => read,
+                Err(_) => Err(format!(
+                    "no complete PROXY header within {} s of connecting",
+                    proxy_header::HEADER_TIMEOUT.as_secs()
+                )),
             }
-            if let Some(limit) = self.config.max_sessions_per_address
-                && self.registry.sessions_from(address) >= limit
-            {
-                return Err(Refusal::PerAddress(limit));
+        };
+        self.proxy_handshakes.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            Ok((stream, header)) => {
+                let peer = header.client.unwrap_or(proxy);
+                if self.admit(peer) {
+                    self.start_session(stream, peer);
+                }
+            }
+            Err(detail) => {
+                let reason = DisconnectReason::ProxyHeader;
+                self.context.stats.count_disconnect(reason);
+                let level = self.context.fault_log.level_for(reason, proxy.ip());
+                log::log!(target: "servercore", level, "{proxy}: closed before it was a session: {reason}: {detail}");
             }
         }
-        let max_sessions = self.config.max_sessions;
-        if self.registry.len() >= max_sessions && !self.evict_a_silent_session() {
-            return Err(Refusal::Full(max_sessions));
-        }
-        Ok(())
     }
 
     /// The application's end of the event queue, keeping `T` per session.
@@ -462,8 +491,6 @@ fn configure_socket(stream: &impl AsFd, config: &SessionConfig) -> io::Result<()
 
 async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<ServiceShared>) {
     let mut exhausted = ThrottledLog::new(Duration::from_secs(5));
-    let mut refusals = Refusals::default();
-    let mut rates = shared.config.max_accepts_per_second.map(AcceptRate::new);
     let mut backoff = Duration::ZERO;
     loop {
         // mio's accept: the socket comes non-blocking and is registered only by its reactor.
@@ -471,13 +498,12 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
                 shared.context.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                match shared.admit(peer.ip(), &mut rates) {
-                    Ok(()) => {
-                        shared.start_session(stream, peer);
-                    }
-                    // Closed before it is a session: no Python ever hears of it.
-                    Err(refusal) => refusals.note(&shared.context.stats, peer, refusal),
+                if shared.config.trusted_proxies.contains(&peer.ip()) {
+                    tokio::spawn(shared.clone().accept_proxied(stream, peer));
+                } else if shared.admit(peer) {
+                    shared.start_session(stream, peer);
                 }
+                // Otherwise closed before it is a session: no Python ever hears of it.
             }
             Err(error) if is_out_of_resources(&error) => {
                 // The pending connection stays in the backlog; retrying at once
@@ -494,85 +520,8 @@ async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, shared: Arc<Servi
     }
 }
 
-/// Why the accept loop closed a connection before it became a session.
-enum Refusal {
-    /// Its address opens connections faster than `max_accepts_per_second`.
-    Rate,
-    /// Its address has `max_sessions_per_address` open.
-    PerAddress(usize),
-    /// `max_sessions` are open and none of them is silent.
-    Full(usize),
-}
-
-/// Counts refusals, and logs each kind at most once per 5 s.
-struct Refusals {
-    rate: ThrottledLog,
-    per_address: ThrottledLog,
-    full: ThrottledLog,
-}
-
-impl Default for Refusals {
-    fn default() -> Self {
-        let period = Duration::from_secs(5);
-        Self {
-            rate: ThrottledLog::new(period),
-            per_address: ThrottledLog::new(period),
-            full: ThrottledLog::new(period),
-        }
-    }
-}
-
-impl Refusals {
-    fn note(&mut self, stats: &ServiceStats, peer: SocketAddr, refusal: Refusal) {
-        let (counter, log, why) = match refusal {
-            Refusal::Rate => (
-                &stats.rejected_rate,
-                &mut self.rate,
-                "over max_accepts_per_second from this address".to_owned(),
-            ),
-            Refusal::PerAddress(limit) => (
-                &stats.rejected_per_address,
-                &mut self.per_address,
-                format!("max_sessions_per_address {limit} from this address"),
-            ),
-            Refusal::Full(limit) => {
-                (&stats.rejected, &mut self.full, format!("max_sessions {limit} reached"))
-            }
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        log.warn(|suppressed| format!("{peer}: refused, {why}{suppressed}"));
-    }
-}
-
 fn is_out_of_resources(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-}
-
-/// At most one log line per period; the lines held back are counted in the next.
-struct ThrottledLog {
-    period: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl ThrottledLog {
-    fn new(period: Duration) -> Self {
-        Self { period, last: None, suppressed: 0 }
-    }
-
-    fn warn(&mut self, message: impl FnOnce(String) -> String) {
-        let now = Instant::now();
-        if self.last.is_some_and(|last| now - last < self.period) {
-            self.suppressed += 1;
-            return;
-        }
-        let suppressed = match std::mem::take(&mut self.suppressed) {
-            0 => String::new(),
-            n => format!(" ({n} more like this since the last report)"),
-        };
-        self.last = Some(now);
-        log::warn!(target: "servercore", "{}", message(suppressed));
-    }
 }
 
 #[cfg(test)]

@@ -315,6 +315,7 @@ class ServerOptions(SessionOptions, total=False):
     max_sessions_per_address: int | None
     max_accepts_per_second: int | None
     trusted_addresses: Iterable[str]
+    trusted_proxies: Iterable[str]
     backlog: int
 
 @type_check_only

@@ -45,6 +45,9 @@ class DisconnectReason(enum.IntEnum):
     EVICTED = 15
     """The server was full and this connection had sent nothing yet: its slot
     went to a newcomer."""
+    PROXY_HEADER = 16
+    """A PROXY protocol header that may not be believed: from an address not
+    in ``trusted_proxies``, malformed, or missing from a trusted proxy."""
 
     def __str__(self) -> str:
         return self.name

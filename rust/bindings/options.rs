@@ -124,6 +124,7 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         | "max_sessions_per_address"
         | "max_accepts_per_second"
         | "trusted_addresses"
+        | "trusted_proxies"
             if role == Role::Client =>
         {
             return Err(PyTypeError::new_err(format!(
@@ -143,6 +144,7 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
                 Some(count("max_sessions_per_address", value, MAX_SESSIONS)? as usize)
         }
         "trusted_addresses" => config.trusted_addresses = addresses("trusted_addresses", value)?,
+        "trusted_proxies" => config.trusted_proxies = addresses("trusted_proxies", value)?,
         "max_accepts_per_second" if none => config.max_accepts_per_second = None,
         "max_accepts_per_second" => {
             let rate = count("max_accepts_per_second", value, MAX_PACKETS_PER_SECOND)?;
