@@ -91,7 +91,8 @@ def test_twelve_thousand_silent_connections_from_one_machine_lock_nobody_out(sta
                    message=lambda: f"{server.stats()['accepted']} accepted, attacker: {done}")
     stats = server.stats()
     summary = f"attacker: {done}; server: accepted {stats['accepted']}, rejected_rate {stats['rejected_rate']}, " \
-              f"rejected_per_address {stats['rejected_per_address']}; slowest honest answer {slowest * 1e3:.0f} ms"
+              f"rejected_per_address {stats['rejected_per_address']}; slowest honest answer {slowest * 1e3:.0f} ms; " \
+              f"{len(servercore_warnings(caplog))} log lines"
     print(summary)
     assert done["sockets"] == 12_000, summary
     assert done["established"] >= 10_000, summary
@@ -104,11 +105,12 @@ def test_twelve_thousand_silent_connections_from_one_machine_lock_nobody_out(sta
 
 def test_a_connection_churn_from_one_machine_is_shed_and_logs_a_handful_of_lines(start_server, raw_peers, caplog):
     """The issue's churn: connect, send a bad header, reset, as fast as one
-    attacker process can, for 4 s."""
+    attacker process can, for 10 s (the issue's figures: about 32,000 a
+    second; one Python process here makes about 26,000)."""
     server = start_server(Echo)
     honest = raw_peers(server.port, source="127.0.0.3")
     with caplog.at_level(logging.WARNING, logger="servercore"):
-        attacker = run_attacker("churn", server.port, "127.0.0.2", 4)
+        attacker = run_attacker("churn", server.port, "127.0.0.2", 10)
         try:
             slowest = serve_honest_players_while(server, attacker, honest, raw_peers)
         finally:
@@ -119,9 +121,9 @@ def test_a_connection_churn_from_one_machine_is_shed_and_logs_a_handful_of_lines
         server.stop()
     stats = server.stats()
     summary = f"attacker: {done}; server: accepted {stats['accepted']}, rejected_rate {stats['rejected_rate']}; " \
-              f"slowest honest answer {slowest * 1e3:.0f} ms"
+              f"slowest honest answer {slowest * 1e3:.0f} ms; {len(servercore_warnings(caplog))} log lines"
     print(summary)
-    assert done["connections"] >= 2_000, summary
+    assert done["connections"] >= 20_000, summary
     assert slowest < 1.0, summary
     # A burst of 40, then 20 a second; the rest never became sessions.
     admitted = stats["accepted"] - stats["rejected_rate"]
