@@ -140,7 +140,7 @@ mod tests {
             assert_eq!(DisconnectReason::from_code(reason.code()), Some(*reason));
         }
         assert_eq!(DisconnectReason::from_code(0), None);
-        assert_eq!(DisconnectReason::from_code(16), None);
+        assert_eq!(DisconnectReason::from_code(DisconnectReason::ALL.len() as u8 + 1), None);
     }
 
     #[test]
