@@ -229,6 +229,9 @@ pub struct ServiceConfig {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// The listen backlog (server only).
     pub backlog: u32,
+    /// SO_REUSEPORT: several processes listen on one port and the kernel
+    /// balances new connections over them (server only; `servercore serve`).
+    pub reuse_port: bool,
     /// How long a client waits for each connection attempt.
     pub connect_timeout: Duration,
     /// The application thread serves the sockets itself while it waits and
@@ -256,6 +259,7 @@ impl Default for ServiceConfig {
             ],
             trusted_proxies: Vec::new(),
             backlog: 1024,
+            reuse_port: false,
             connect_timeout: Duration::from_secs(10),
             inline_io: true,
             shutdown_grace: Duration::from_secs(5),

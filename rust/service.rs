@@ -363,7 +363,7 @@ impl Server {
     /// Binds `addr` (port 0 picks a free port) and starts accepting.
     pub fn listen(config: ServiceConfig, addr: SocketAddr) -> io::Result<Self> {
         let mut service = Service::new(config, "server")?;
-        let listener = bind(addr, service.config().backlog)?;
+        let listener = bind(addr, service.config())?;
         let local_addr = listener.local_addr()?;
         let runtime = service.runtime.as_ref().expect("a new service runs").handle().clone();
         let listener = {
@@ -465,13 +465,16 @@ impl Client {
     }
 }
 
-fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+fn bind(addr: SocketAddr, config: &ServiceConfig) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     // A restarted server must not wait out the old one's TIME_WAIT sockets.
     socket.set_reuse_address(true)?;
+    // Worker processes on one port: the kernel spreads new connections over
+    // their listeners.
+    socket.set_reuse_port(config.reuse_port)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.listen(i32::try_from(config.backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
 }
 

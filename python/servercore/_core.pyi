@@ -317,6 +317,7 @@ class ServerOptions(SessionOptions, total=False):
     trusted_addresses: Iterable[str]
     trusted_proxies: Iterable[str]
     backlog: int
+    reuse_port: bool
 
 @type_check_only
 class ClientOptions(SessionOptions, total=False):

@@ -5,11 +5,14 @@ and the packet generator.
     servercore dummy-client [--host H] [--port P] [--clients N] [--print]
     servercore demo [--clients N] [--seconds S]
     servercore gen DEFINITIONS -o OUT [--namespace NS]
+    servercore serve MODULE:SESSION_CLASS [--host H] [--port P] [--workers N]
+                     [--metrics-port M] [--setup MODULE:FUNCTION] [--option KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import sys
@@ -223,6 +226,30 @@ def generate(args: argparse.Namespace) -> int:
     return gen.main(args.definitions, args.out, args.namespace)
 
 
+def serve(args: argparse.Namespace) -> int:
+    from servercore.workers import serve as serve_workers
+
+    logging.getLogger("servercore.supervisor").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    options: dict[str, object] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {item!r}: write KEY=VALUE, the value in JSON (e.g. max_sessions=20000)")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare string
+    try:
+        return serve_workers(
+            args.target, args.host, args.port, args.workers, options, setup=args.setup,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host, max_restarts=args.max_restarts,
+            restart_window=args.restart_window, ready_file=args.ready_file,
+        )
+    except (OSError, ValueError) as error:
+        print(f"servercore serve: {error}", file=sys.stderr)
+        return 1
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="servercore", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log servercore's debug lines")
@@ -254,12 +281,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     gen.add_argument("-o", "--out", required=True, help="the directory to write into")
     gen.add_argument("--namespace", default=None, help="the C# namespace (default: from the file's name)")
     gen.set_defaults(run=generate)
+
+    workers = commands.add_parser("serve", help="a server as N worker processes on one port (SO_REUSEPORT), supervised")
+    workers.add_argument("target", help="MODULE:SESSION_CLASS, importable by the workers")
+    workers.add_argument("--host", default="0.0.0.0")
+    workers.add_argument("--port", type=int, default=7777, help="0 picks a free port for all workers")
+    workers.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    workers.add_argument("--setup", default=None,
+                         help="MODULE:FUNCTION called in each worker with its started Server; "
+                              "what it returns, if callable, is the worker's on_stopping hook")
+    workers.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                         help="a Server option, its value in JSON (repeatable)")
+    workers.add_argument("--metrics-port", type=int, default=None,
+                         help="serve every worker's Prometheus metrics here (0 picks a port)")
+    workers.add_argument("--metrics-host", default="127.0.0.1")
+    workers.add_argument("--max-restarts", type=int, default=5,
+                         help="give up when more workers than this die within --restart-window")
+    workers.add_argument("--restart-window", type=float, default=60.0, help="seconds (default 60)")
+    workers.add_argument("--ready-file", default=None,
+                         help="write {pid, port, metrics_port, workers} here as JSON once every worker is ready")
+    workers.set_defaults(run=serve)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # `serve` logs like its workers (servercore.workers): one line each, stamped and named.
+    fmt = ("%(asctime)s supervisor pid=%(process)d %(levelname)s %(name)s: %(message)s" if args.command == "serve"
+           else "%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format=fmt)
     return int(args.run(args))
 
 

@@ -125,6 +125,7 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         | "max_accepts_per_second"
         | "trusted_addresses"
         | "trusted_proxies"
+        | "reuse_port"
             if role == Role::Client =>
         {
             return Err(PyTypeError::new_err(format!(
@@ -145,6 +146,7 @@ fn apply(config: &mut ServiceConfig, key: &str, value: &Bound<'_, PyAny>, role: 
         }
         "trusted_addresses" => config.trusted_addresses = addresses("trusted_addresses", value)?,
         "trusted_proxies" => config.trusted_proxies = addresses("trusted_proxies", value)?,
+        "reuse_port" => config.reuse_port = flag("reuse_port", value)?,
         "max_accepts_per_second" if none => config.max_accepts_per_second = None,
         "max_accepts_per_second" => {
             let rate = count("max_accepts_per_second", value, MAX_PACKETS_PER_SECOND)?;
