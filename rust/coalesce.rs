@@ -98,10 +98,10 @@ impl Drop for WriteBatch {
 /// is queued before them; else copied into the pool (`encode`) and sent like
 /// [`send`].
 pub fn send_parts(handle: &Arc<SessionHandle>, parts: &[&[u8]], encode: impl FnOnce() -> Bytes) -> Push {
-    if WRITE_THROUGH.get() {
-        if let Some(outcome) = handle.write_through(parts) {
-            return outcome;
-        }
+    if WRITE_THROUGH.get()
+        && let Some(outcome) = handle.write_through(parts)
+    {
+        return outcome;
     }
     send(handle, encode())
 }

@@ -567,39 +567,39 @@ impl Connection {
         }
         let now = Tick::now();
         let config = &self.farewell.handle.context.config;
-        if let (Some(started), Some(limit)) = (self.packet_started, self.packet_limit()) {
-            if now >= started.after(limit) {
-                let waited = now.since(started).as_secs_f64();
-                return Err(match self.greeted {
-                    true => Stop::new(
-                        DisconnectReason::PacketTimeout,
-                        format!(
-                            "packet incomplete after {waited:.1}s ({} bytes buffered), packet_timeout {:.1}s",
-                            self.recv.len(),
-                            limit.as_secs_f64()
-                        ),
-                    ),
-                    false => Stop::new(
-                        DisconnectReason::FirstPacketTimeout,
-                        format!(
-                            "nothing received {waited:.1}s after connecting, first_packet_timeout {:.1}s",
-                            limit.as_secs_f64()
-                        ),
-                    ),
-                });
-            }
-        }
-        if let Some(limit) = config.idle_timeout {
-            if now >= self.last_received.after(limit) {
-                return Err(Stop::new(
-                    DisconnectReason::IdleTimeout,
+        if let (Some(started), Some(limit)) = (self.packet_started, self.packet_limit())
+            && now >= started.after(limit)
+        {
+            let waited = now.since(started).as_secs_f64();
+            return Err(match self.greeted {
+                true => Stop::new(
+                    DisconnectReason::PacketTimeout,
                     format!(
-                        "nothing received for {:.1}s, idle_timeout {:.1}s",
-                        now.since(self.last_received).as_secs_f64(),
+                        "packet incomplete after {waited:.1}s ({} bytes buffered), packet_timeout {:.1}s",
+                        self.recv.len(),
                         limit.as_secs_f64()
                     ),
-                ));
-            }
+                ),
+                false => Stop::new(
+                    DisconnectReason::FirstPacketTimeout,
+                    format!(
+                        "nothing received {waited:.1}s after connecting, first_packet_timeout {:.1}s",
+                        limit.as_secs_f64()
+                    ),
+                ),
+            });
+        }
+        if let Some(limit) = config.idle_timeout
+            && now >= self.last_received.after(limit)
+        {
+            return Err(Stop::new(
+                DisconnectReason::IdleTimeout,
+                format!(
+                    "nothing received for {:.1}s, idle_timeout {:.1}s",
+                    now.since(self.last_received).as_secs_f64(),
+                    limit.as_secs_f64()
+                ),
+            ));
         }
         Ok(())
     }

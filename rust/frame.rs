@@ -128,10 +128,10 @@ pub fn check(buf: &[u8], limits: &FrameLimits) -> Result<Option<PacketHeader>, F
     if size > limits.max_packet_size {
         return Err(FrameError::TooLarge { size, max: limits.max_packet_size });
     }
-    if let Some(allowed) = &limits.allowed_ids {
-        if !allowed.contains(id) {
-            return Err(FrameError::UnknownId { id });
-        }
+    if let Some(allowed) = &limits.allowed_ids
+        && !allowed.contains(id)
+    {
+        return Err(FrameError::UnknownId { id });
     }
     if buf.len() < size {
         return Ok(None);

@@ -33,12 +33,14 @@
 //! - [`reactor`]: one I/O thread's sessions, served over its own epoll set.
 //! - [`inbox`]: the application's end of the events, and what it owes for each.
 //! - [`service`]: the runtime, the accept loop, the N-session client, shutdown.
+//! - [`bus`]: what crosses services (workers, machines), over Redis Pub/Sub.
 //!
 //! Nothing here knows Python; the PyO3 bindings live in `bindings` behind the
 //! `python` feature and drive this crate like any other application would.
 
 pub mod accept_rate;
 pub mod admission;
+pub mod bus;
 pub mod clock;
 pub mod coalesce;
 pub mod config;

@@ -450,10 +450,10 @@ struct Sessions {
 
 impl Sessions {
     fn list(&mut self, key: usize) {
-        if let Some(connection) = self.slab.get_mut(key) {
-            if connection.list() {
-                self.ready.push_back(key);
-            }
+        if let Some(connection) = self.slab.get_mut(key)
+            && connection.list()
+        {
+            self.ready.push_back(key);
         }
     }
 

@@ -52,6 +52,13 @@ impl<T> Members<T> {
     }
 }
 
+/// Another handle on the same room (the bus fans out to it too).
+impl<T> Clone for Room<T> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
 impl<T: Send + 'static> Default for Room<T> {
     fn default() -> Self {
         Self { inner: Arc::new(Members { members: Mutex::default(), context: OnceLock::new() }) }

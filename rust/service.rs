@@ -265,6 +265,11 @@ impl Service {
         Ok(Self { shared, runtime: Some(runtime), accept_task: None })
     }
 
+    /// The engine's runtime, for tasks that live as long as the service (a bus).
+    pub fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|runtime| runtime.handle().clone())
+    }
+
     pub fn shared(&self) -> &Arc<ServiceShared> {
         &self.shared
     }

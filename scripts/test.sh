@@ -4,12 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# tests/test_gen.py compiles a generated C# client with Mono's compiler.
-if ! command -v mcs >/dev/null 2>&1 || ! command -v mono >/dev/null 2>&1; then
-    echo "== installing mono-mcs (Mono's C# compiler and runtime)"
+# Real components the tests start themselves: Mono's C# compiler and runtime
+# (tests/test_gen.py compiles a generated C# client) and redis-server
+# (tests/test_bus.py starts its own on a free loopback port).
+missing=()
+if ! command -v mcs >/dev/null 2>&1 || ! command -v mono >/dev/null 2>&1; then missing+=(mono-mcs); fi
+if ! command -v redis-server >/dev/null 2>&1; then missing+=(redis-server); fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
     if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mono-mcs >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 python3 -m venv .venv

@@ -23,6 +23,7 @@ from __future__ import annotations
 from servercore._core import (
     HEADER_SIZE,
     MAX_PACKET_SIZE,
+    Bus,
     Client,
     PacketSession,
     Room,
@@ -39,6 +40,7 @@ from servercore._reason import DisconnectReason
 __all__ = [
     "HEADER_SIZE",
     "MAX_PACKET_SIZE",
+    "Bus",
     "Client",
     "Connection",
     "DisconnectReason",

@@ -276,6 +276,65 @@ class Room:
         """The members' session objects, in the order they connected (a snapshot)."""
 
 @final
+class Bus:
+    """A server's link to the other workers and machines of its cluster, over
+    Redis Pub/Sub. A packet is published once, as framed bytes, and each
+    server fans it out to its own sessions in the engine. Delivery is at most
+    once. Publishing never waits for Redis: while Redis is unreachable it
+    returns False at once (counted in `stats()`), and the bus reconnects by
+    itself (0.1 s doubling to 5 s) and subscribes again to its rooms."""
+
+    def __init__(
+        self,
+        server: Server,
+        url: str,
+        *,
+        prefix: str = "servercore",
+        node: str | None = None,
+        directory_ttl: float | None = None,
+        max_queued_publishes: int | None = None,
+    ) -> None:
+        """Attaches to a started `server`. `url` is redis://host:port/db;
+        `node` names this server in the cluster (host and pid by default);
+        directory entries live `directory_ttl` seconds (30) past their last
+        heartbeat."""
+    @property
+    def node(self) -> str: ...
+    @property
+    def connected(self) -> bool:
+        """Whether Redis is reachable now (publishing and subscribed)."""
+    @overload
+    def broadcast(self, packet: SendBuffer | TypedPacket, payload: None = None, /) -> bool: ...
+    @overload
+    def broadcast(self, packet: int, payload: Buffer, /) -> bool:
+        """Publish to every session of every server; whether it was published."""
+    @overload
+    def publish(self, name: str, packet: SendBuffer | TypedPacket, payload: None = None, /) -> bool: ...
+    @overload
+    def publish(self, name: str, packet: int, payload: Buffer, /) -> bool:
+        """Publish to the members of the room `name` on every server."""
+    def room(self, name: str) -> Room:
+        """The room `name` here (the same object each time): what any server
+        publishes to `name` reaches its members."""
+    def address(self, session: Session) -> str:
+        """`session`'s address in the cluster ("node/id")."""
+    @overload
+    def send_to(self, address: str, packet: SendBuffer | TypedPacket, payload: None = None, /) -> bool: ...
+    @overload
+    def send_to(self, address: str, packet: int, payload: Buffer, /) -> bool:
+        """Publish to one session anywhere, by its address."""
+    def register(self, name: str, session: Session) -> bool:
+        """Directory: `name` -> `session`'s address, alive while the session lives."""
+    def lookup(self, name: str, timeout: float | None = None) -> str | None:
+        """The address registered for `name`, or None; ConnectionError if
+        Redis does not answer within `timeout` (1 s)."""
+    def stats(self) -> dict[str, int | bool]:
+        """published, publish_failed, received, delivered, malformed,
+        reconnects, connected."""
+    def close(self) -> None:
+        """Stops the bus (it also stops with its server)."""
+
+@final
 class Timer:
     """A scheduled call, from `call_later` or `call_every`."""
 

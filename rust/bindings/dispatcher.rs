@@ -399,23 +399,23 @@ impl Dispatcher {
                                 // Only a KeyboardInterrupt or SystemExit comes back from
                                 // `check`; the rest of the run is then for the next poll.
                                 let result = self.check::<()>(py, Err(error), &handle, "on_recv_packet");
-                                if result.is_err() {
-                                    if let Some(rest) = turn.run.give_back(packets.skip(delivered + 1)) {
-                                        turn.pending.push_front(Event::Packets { session, packets: rest });
-                                    }
+                                if result.is_err()
+                                    && let Some(rest) = turn.run.give_back(packets.skip(delivered + 1))
+                                {
+                                    turn.pending.push_front(Event::Packets { session, packets: rest });
                                 }
                                 return result;
                             }
                         };
-                    if let Some(coroutine) = callback::awaitable(returned) {
-                        if self.spawn(py, turn, coroutine, &handle, "on_recv_packet", false)? {
-                            // The rest of the read waits for this packet's handler.
-                            if let Some(rest) = turn.run.give_back(packets.skip(delivered + 1)) {
-                                let awaiting = turn.awaiting.get_mut(&session).expect("just spawned");
-                                awaiting.parked.push_back(Event::Packets { session, packets: rest });
-                            }
-                            return Ok(());
+                    if let Some(coroutine) = callback::awaitable(returned)
+                        && self.spawn(py, turn, coroutine, &handle, "on_recv_packet", false)?
+                    {
+                        // The rest of the read waits for this packet's handler.
+                        if let Some(rest) = turn.run.give_back(packets.skip(delivered + 1)) {
+                            let awaiting = turn.awaiting.get_mut(&session).expect("just spawned");
+                            awaiting.parked.push_back(Event::Packets { session, packets: rest });
                         }
+                        return Ok(());
                     }
                 }
                 Ok(())

@@ -8,8 +8,10 @@
 //! - [`dispatcher`]: engine events turned into callbacks inside `poll()`.
 //! - [`scheduler`]: timers and posted calls, run by the polling thread with the callbacks.
 //! - [`room`]: `Room`, a group of sessions to broadcast to.
+//! - [`bus`]: `Bus`, a server's link to its cluster over Redis.
 //! - [`logging`]: the engine's log records, emitted through Python's `logging`.
 
+mod bus;
 mod dispatcher;
 mod logging;
 mod options;
@@ -35,6 +37,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<service::PyClient>()?;
     module.add_class::<scheduler::PyTimer>()?;
     module.add_class::<room::PyRoom>()?;
+    module.add_class::<bus::PyBus>()?;
     // The engine's reasons, by code; servercore.DisconnectReason is checked against it.
     let reasons: Vec<(u8, &str)> = DisconnectReason::ALL.iter().map(|r| (r.code(), r.name())).collect();
     module.add("DISCONNECT_REASONS", reasons)?;

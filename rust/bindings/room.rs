@@ -23,6 +23,13 @@ fn session_of<'a, 'py>(session: &'a Bound<'py, PyAny>) -> PyResult<&'a Bound<'py
     })
 }
 
+impl PyRoom {
+    /// A Python `Room` over an engine room (the bus keeps another handle on it).
+    pub fn wrapping(room: Room<Py<PyAny>>) -> Self {
+        Self { room }
+    }
+}
+
 #[pymethods]
 impl PyRoom {
     #[new]

@@ -55,6 +55,13 @@ enum Engine {
 }
 
 impl Engine {
+    fn service(&self) -> &service::Service {
+        match self {
+            Engine::Server(server) => server.service(),
+            Engine::Client(client) => client.service(),
+        }
+    }
+
     fn service_mut(&mut self) -> &mut service::Service {
         match self {
             Engine::Server(server) => server.service_mut(),
@@ -275,6 +282,19 @@ impl PyService {
             started.shared.interrupt_wait();
         }
         Ok(timer)
+    }
+
+    /// What a bus attaches to: the running engine's shared state and runtime.
+    pub(crate) fn engine_parts(&self) -> PyResult<(Arc<ServiceShared>, tokio::runtime::Handle)> {
+        let started = self.started()?;
+        let engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let runtime = engine.as_ref().and_then(|engine| engine.service().runtime());
+        let runtime = runtime.ok_or_else(|| PyRuntimeError::new_err("the server has stopped"))?;
+        Ok((started.shared.clone(), runtime))
+    }
+
+    pub(crate) fn session_config(&self) -> &crate::config::SessionConfig {
+        &self.config.session
     }
 
     fn started(&self) -> PyResult<&Started> {
