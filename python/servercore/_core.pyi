@@ -20,6 +20,7 @@ __all__ = [
     "DISCONNECT_REASONS",
     "HEADER_SIZE",
     "MAX_PACKET_SIZE",
+    "Bus",
     "Client",
     "PacketSession",
     "Room",
@@ -284,8 +285,8 @@ class Bus:
     returns False at once (counted in `stats()`), and the bus reconnects by
     itself (0.1 s doubling to 5 s) and subscribes again to its rooms."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         server: Server,
         url: str,
         *,
@@ -293,7 +294,7 @@ class Bus:
         node: str | None = None,
         directory_ttl: float | None = None,
         max_queued_publishes: int | None = None,
-    ) -> None:
+    ) -> Bus:
         """Attaches to a started `server`. `url` is redis://host:port/db;
         `node` names this server in the cluster (host and pid by default);
         directory entries live `directory_ttl` seconds (30) past their last

@@ -14,8 +14,10 @@ counted twice): counters as ``servercore_<name>_total``, gauges as
 by cause. Poll lag, how late the polling thread runs what is due, is measured
 by a probe timer on that thread (``servercore_poll_lag_seconds``, a
 histogram): a game whose callbacks are too slow shows it here first.
-Anything else that wants to be scraped with the server (a bus) registers its
-own collector on the same registry.
+A bus (servercore.Bus) is exported too once it is tracked:
+``track_bus(bus)`` (its state as ``servercore_bus_connected``, and its
+counters: published, publish_failed, received, delivered, malformed,
+reconnects).
 
 ``servercore serve --metrics-port`` runs one of these in every worker and
 serves them together from the supervisor, each series labelled with its
@@ -27,6 +29,7 @@ Needs the ``prometheus-client`` package (``pip install servercore[metrics]``).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,9 +42,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "servercore.metrics needs prometheus-client: pip install 'servercore[metrics]'"
     ) from error
 
-from servercore._core import Server
+from servercore._core import Bus, Server
 
-__all__ = ["MetricsEndpoint", "ServerCollector", "serve_metrics"]
+__all__ = ["BusCollector", "MetricsEndpoint", "ServerCollector", "serve_metrics", "track_bus"]
 
 # stats() keys that only grow; the others are levels.
 COUNTERS = {
@@ -101,6 +104,42 @@ class ServerCollector(Collector):
         yield disconnects
 
 
+BUS_COUNTERS = {
+    "published": "packets published to Redis",
+    "publish_failed": "publishes that failed (Redis unreachable, or lost with the connection)",
+    "received": "messages received from Redis",
+    "delivered": "packets the bus queued on local sessions",
+    "malformed": "messages from Redis that were not one packet for a known channel",
+    "reconnects": "times a connection to Redis was made again",
+}
+
+_tracked_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+
+
+def track_bus(bus: Bus) -> Bus:
+    """Exports ``bus``'s figures from every endpoint of this process (for as
+    long as the bus lives); returns it."""
+    _tracked_buses.add(bus)
+    return bus
+
+
+class BusCollector(Collector):
+    """The tracked buses' state and counters, labelled by node."""
+
+    def collect(self) -> Iterator[Any]:
+        buses = list(_tracked_buses)
+        connected = GaugeMetricFamily("servercore_bus_connected", "whether Redis is reachable now", labels=["node"])
+        families = {key: CounterMetricFamily(f"servercore_bus_{key}", text, labels=["node"])
+                    for key, text in BUS_COUNTERS.items()}
+        for bus in buses:
+            stats = bus.stats()
+            connected.add_metric([bus.node], 1.0 if stats["connected"] else 0.0)
+            for key, family in families.items():
+                family.add_metric([bus.node], float(stats[key]))
+        yield connected
+        yield from families.values()
+
+
 class PollLagProbe:
     """A timer on the polling thread that notes how late it runs."""
 
@@ -149,6 +188,7 @@ def serve_metrics(server: Server, port: int = 0, host: str = "127.0.0.1",
     started: the poll-lag probe is one of its timers."""
     registry = registry if registry is not None else CollectorRegistry()
     registry.register(ServerCollector(server))
+    registry.register(BusCollector())
     probe = PollLagProbe(server, registry)
     httpd, _ = start_http_server(port, addr=host, registry=registry)
     return MetricsEndpoint(httpd, probe)

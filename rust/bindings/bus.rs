@@ -20,7 +20,7 @@ use crate::config::{SessionConfig, limits};
 use crate::events::SessionId;
 use crate::room::Room;
 
-#[pyclass(frozen, module = "servercore._core", name = "Bus")]
+#[pyclass(frozen, weakref, module = "servercore._core", name = "Bus")]
 pub struct PyBus {
     bus: Bus,
     session: SessionConfig,
