@@ -61,6 +61,28 @@ enum Command {
     Flood(FloodArgs),
     /// RAW / R1RAW: unframed echo; every byte checked in order against what was sent.
     RawEcho(RawEchoArgs),
+    /// CLUSTER: N clients spread over worker processes; how fast they are all
+    /// announced, then `packets` bus broadcasts each, checked in order, with
+    /// publish-to-delivery latency.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 4000)]
+    clients: usize,
+    #[arg(long, default_value_t = 200)]
+    packets: u32,
+    /// Payload bytes (at least 12: sequence u32 and publish time u64 ns, CLOCK_MONOTONIC).
+    #[arg(long, default_value_t = 16)]
+    size: u32,
+    /// Microseconds between publishes (0: as fast as the publisher can).
+    #[arg(long, default_value_t = 0)]
+    interval_us: u32,
+    #[arg(long, default_value = "CLUSTER")]
+    label: String,
 }
 
 #[derive(Args, Clone)]
@@ -221,6 +243,10 @@ fn main() {
             Command::Idle(args) => idle(args).await,
             Command::Flood(args) => flood(args).await,
             Command::RawEcho(args) => raw_echo(args).await,
+            Command::Cluster(args) => {
+                let label = args.label.clone();
+                cluster(args).await.unwrap_or_else(|e| fail(&label, &e))
+            }
         }
     });
     let _ = io::stdout().flush();
@@ -1494,4 +1520,164 @@ async fn raw_echo_client(
         }
     }
     Ok((rtts, Instant::now()))
+}
+
+// ---------------------------------------------------------------- cluster
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Asks once (0xFFF1) and waits for the answer: the session this connection
+/// made has been announced by whichever worker took it.
+async fn announced(stream: &mut TcpStream, frames: &mut FrameBuf, timeout: Duration) -> Result<(), String> {
+    let mut query = Vec::new();
+    put_header(&mut query, ID_QUERY, 0);
+    stream.write_all(&query).await.map_err(|e| format!("ready check: write: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        while let Some((id, _)) = frames.next()? {
+            if id == ID_QUERY {
+                return Ok(());
+            }
+            return Err(format!("packet id {id} before the ready check's answer"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, frames.fill(stream)).await {
+            Ok(Ok(0)) => return Err("ready check: server closed the connection".into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("ready check: read: {e}")),
+            Err(_) => return Err("ready check: no answer".into()),
+        }
+    }
+}
+
+async fn cluster(args: ClusterArgs) -> Result<i32, String> {
+    let addr = address(&args.common)?;
+    if args.size < 12 {
+        return Err("--size must be at least 12 (sequence u32, publish time u64)".into());
+    }
+    let timeout = Duration::from_secs_f64(args.common.timeout);
+    let started = Instant::now();
+    let streams = connect_all(addr, args.clients, args.common.connect_concurrency).await?;
+    let mut ready = JoinSet::new();
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        ready.spawn(async move {
+            let mut frames = FrameBuf::new(16 * 1024);
+            announced(&mut stream, &mut frames, timeout).await.map(|()| (i, stream, frames))
+        });
+    }
+    let mut clients: Vec<Option<(TcpStream, FrameBuf)>> = (0..args.clients).map(|_| None).collect();
+    while let Some(joined) = ready.join_next().await {
+        let (i, stream, frames) = joined.map_err(|e| e.to_string())??;
+        clients[i] = Some((stream, frames));
+    }
+    let accept_seconds = started.elapsed().as_secs_f64();
+    let progress: Arc<Vec<AtomicU32>> = Arc::new((0..args.clients).map(|_| AtomicU32::new(0)).collect());
+    let mut tasks = JoinSet::new();
+    let mut control_writer = None;
+    for (i, client) in clients.into_iter().enumerate() {
+        let (stream, frames) = client.expect("every client answered");
+        let progress = progress.clone();
+        let (packets, size) = (args.packets, args.size as usize);
+        if i == 0 {
+            let (reader, writer) = stream.into_split();
+            control_writer = Some(writer);
+            tasks.spawn(async move { (i, receive_timed(reader, frames, packets, size, &progress[i]).await) });
+        } else {
+            tasks.spawn(async move { (i, receive_timed(stream, frames, packets, size, &progress[i]).await) });
+        }
+    }
+    let mut control = Vec::new();
+    put_header(&mut control, ID_CONTROL, 12);
+    control.extend_from_slice(&args.packets.to_le_bytes());
+    control.extend_from_slice(&args.size.to_le_bytes());
+    control.extend_from_slice(&args.interval_us.to_le_bytes());
+    let broadcast_started = Instant::now();
+    let mut writer = control_writer.expect("client 0 exists");
+    writer.write_all(&control).await.map_err(|e| format!("sending the control packet: {e}"))?;
+    let mut latencies = Vec::with_capacity(args.clients * args.packets as usize);
+    let mut last = broadcast_started;
+    let mut errors = Vec::new();
+    let deadline = broadcast_started + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tasks.join_next()).await {
+            Ok(Some(Ok((_, Ok((done, samples)))))) => {
+                last = last.max(done);
+                latencies.extend(samples);
+            }
+            Ok(Some(Ok((i, Err(e))))) => errors.push(format!("client {i}: {e}")),
+            Ok(Some(Err(e))) => errors.push(format!("client task failed: {e}")),
+            Ok(None) => break,
+            Err(_) => {
+                let fewest = progress.iter().map(|p| p.load(Ordering::Relaxed)).min().unwrap_or(0);
+                errors.push(format!("timeout: fewest packets received {fewest} of {}", args.packets));
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    drop(writer);
+    latencies.sort_unstable();
+    let seconds = last.duration_since(broadcast_started).as_secs_f64();
+    let total = args.clients as u64 * u64::from(args.packets);
+    let us = |ns: u64| ns as f64 / 1000.0;
+    println!(
+        "{{\"workload\":{},\"clients\":{},\"packets_per_client\":{},\"accept_seconds\":{:.6},\"sessions_per_sec\":{:.1},\"seconds\":{:.6},\"packets_per_sec\":{:.1},\"latency_p50_us\":{:.1},\"latency_p99_us\":{:.1},\"latency_max_us\":{:.1},{}}}",
+        json_str(&args.label),
+        args.clients,
+        args.packets,
+        accept_seconds,
+        args.clients as f64 / accept_seconds,
+        seconds,
+        if errors.is_empty() && seconds > 0.0 { total as f64 / seconds } else { 0.0 },
+        us(percentile(&latencies, 0.50)),
+        us(percentile(&latencies, 0.99)),
+        us(latencies.last().copied().unwrap_or(0)),
+        errors_json(&args.label, &errors),
+    );
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// One client's broadcasts, each checked (id 1, size, the next sequence), with
+/// how long each took from its publish.
+async fn receive_timed<R: AsyncRead + Unpin>(
+    mut reader: R,
+    mut frames: FrameBuf,
+    packets: u32,
+    size: usize,
+    progress: &AtomicU32,
+) -> Result<(Instant, Vec<u64>), String> {
+    let mut expected: u32 = 0;
+    let mut samples = Vec::with_capacity(packets as usize);
+    loop {
+        while let Some((id, payload)) = frames.next()? {
+            if id != ID_BROADCAST {
+                return Err(format!("packet id {id} where broadcast {expected} (id 1) was expected"));
+            }
+            if payload.len() != size {
+                return Err(format!("broadcast {expected}: payload {} bytes, expected {size}", payload.len()));
+            }
+            let seq = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+            if seq != expected {
+                return Err(format!("sequence {seq} where {expected} was expected (gap or reorder)"));
+            }
+            let sent = u64::from_le_bytes(payload[4..12].try_into().expect("8 bytes"));
+            samples.push(monotonic_ns().saturating_sub(sent));
+            expected += 1;
+            progress.store(expected, Ordering::Relaxed);
+            if expected == packets {
+                return Ok((Instant::now(), samples));
+            }
+        }
+        match frames.fill(&mut reader).await {
+            Ok(0) => return Err(format!("closed after {expected} of {packets} broadcasts")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
 }
