@@ -77,3 +77,57 @@ def test_the_game_server_example_broadcasts_hello_world_and_says_goodbye(
     rest, err = dummies.communicate(timeout=20)
     assert dummies.returncode == 0, rest + err
     assert rest.strip() == "300 goodbyes"
+
+
+def test_the_cluster_example_chats_and_whispers_across_workers(tmp_path: Path) -> None:
+    """examples/cluster: `servercore serve` with two workers and a Bus over a
+    real redis-server; players on different workers chat in one room and
+    whisper by name."""
+    import json
+    import os
+    import time
+
+    from redis_support import RedisServer
+    from support import RawPeer, packet
+
+    redis = RedisServer()
+    redis.start()
+    ready = tmp_path / "ready.json"
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLES / "cluster"), SERVERCORE_BUS_URL=redis.url)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "servercore", "serve", "game:Player", "--host", "127.0.0.1", "--port", "0",
+         "--workers", "2", "--setup", "game:setup", "--ready-file", str(ready)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    by_node: dict[str, list[RawPeer]] = {}
+    names: dict[RawPeer, str] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read() if serve.stderr else ""
+            time.sleep(0.05)
+        port = json.loads(ready.read_text())["port"]
+        # Players log in until each worker has two (the kernel picks the worker).
+        while len(by_node) < 2 or min(len(peers) for peers in by_node.values()) < 2:
+            assert len(names) < 60, {node: len(peers) for node, peers in by_node.items()}
+            peer = RawPeer(port)
+            names[peer] = f"player{len(names)}"
+            peer.send(packet(1, names[peer].encode()))
+            by_node.setdefault(peer.recv_packet_with_id(5).decode(), []).append(peer)
+        (node_a, on_a), (node_b, on_b) = list(by_node.items())[:2]
+        on_a[0].send(packet(2, b"hello world"))
+        for peer in names:
+            assert peer.recv_packet_with_id(2) == b"hello world"
+        on_a[0].send(packet(3, f"{names[on_b[-1]]}\0psst".encode()))
+        assert on_b[-1].recv_packet_with_id(3) == b"psst"
+        on_a[0].send(packet(3, b"nobody\0hello?"))
+        assert on_a[0].recv_packet_with_id(4) == b"nobody"
+    finally:
+        for peer in names:
+            peer.close()
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=20)
+        finally:
+            redis.stop()
+    assert serve.returncode == 0
