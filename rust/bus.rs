@@ -133,6 +133,7 @@ pub struct Bus {
     shared: Arc<BusShared>,
     tasks: Vec<JoinHandle<()>>,
     runtime: tokio::runtime::Handle,
+    closed: AtomicBool,
 }
 
 impl Bus {
@@ -144,9 +145,11 @@ impl Bus {
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, BusError> {
         let url_error = |error: redis::RedisError| BusError::Url(format!("{:?}: {error}", config.url));
-        let connection = redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(url_error)?;
+        let connection =
+            redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(url_error)?;
         // Without it a lone publish waits for the delayed ACK (40 ms here).
-        let connection = connection.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let connection =
+            connection.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(connection).map_err(url_error)?;
         let (subscribe, subscriptions) = mpsc::unbounded_channel();
         let (publish, outgoing) = mpsc::channel(config.max_queued_publishes);
@@ -171,7 +174,11 @@ impl Bus {
             runtime.spawn(subscriber(shared.clone(), subscriptions)),
             runtime.spawn(publisher(shared.clone(), outgoing)),
         ];
-        Ok(Self { shared, tasks, runtime })
+        Ok(Self { shared, tasks, runtime, closed: AtomicBool::new(false) })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     pub fn node(&self) -> &str {
@@ -266,6 +273,7 @@ impl Bus {
 impl Bus {
     /// Stops the tasks: nothing is published or received from now on.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
         self.shared.publisher_up.store(false, Ordering::Relaxed);
         self.shared.subscriber_up.store(false, Ordering::Relaxed);
         for task in &self.tasks {

@@ -218,13 +218,12 @@ def test_a_bus_needs_a_started_server(start_server, redis):
     bus.close()
 
 
-def test_a_tracked_bus_is_in_the_metrics(cluster):
-    from servercore.metrics import serve_metrics, track_bus
+def test_every_open_bus_is_in_the_metrics(cluster):
+    from servercore.metrics import serve_metrics
 
     from test_metrics import scrape
 
     (server_a, bus_a, peers_a), (_, bus_b, _) = cluster()
-    track_bus(bus_a)
     bus_b.broadcast(NOTICE, b"to all")
     for peer in peers_a:
         assert peer.recv_packet_with_id(NOTICE) == b"to all"
@@ -234,4 +233,8 @@ def test_a_tracked_bus_is_in_the_metrics(cluster):
     assert metrics[("servercore_bus_connected", labels)] == 1
     assert metrics[("servercore_bus_received_total", labels)] == 1
     assert metrics[("servercore_bus_delivered_total", labels)] == 3
-    assert ("servercore_bus_connected", (("node", "worker-1"),)) not in metrics
+    assert metrics[("servercore_bus_published_total", (("node", "worker-1"),))] == 1
+    bus_b.close()
+    with serve_metrics(server_a) as endpoint:
+        metrics = scrape(endpoint.url)
+    assert ("servercore_bus_connected", (("node", "worker-1"),)) not in metrics, "a closed bus is still exported"

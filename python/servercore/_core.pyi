@@ -30,6 +30,7 @@ __all__ = [
     "Session",
     "Timer",
     "__version__",
+    "_bus_stats",
 ]
 
 __version__: Final[str]
@@ -329,11 +330,14 @@ class Bus:
     def lookup(self, name: str, timeout: float | None = None) -> str | None:
         """The address registered for `name`, or None; ConnectionError if
         Redis does not answer within `timeout` (1 s)."""
-    def stats(self) -> dict[str, int | bool]:
+    def stats(self) -> dict[str, int | bool | str]:
         """published, publish_failed, received, delivered, malformed,
-        reconnects, connected."""
+        reconnects, connected, node."""
     def close(self) -> None:
         """Stops the bus (it also stops with its server)."""
+
+def _bus_stats() -> list[dict[str, int | bool | str]]:
+    """`stats()` of every open Bus of this process (servercore.metrics)."""
 
 @final
 class Timer:

@@ -14,10 +14,9 @@ counted twice): counters as ``servercore_<name>_total``, gauges as
 by cause. Poll lag, how late the polling thread runs what is due, is measured
 by a probe timer on that thread (``servercore_poll_lag_seconds``, a
 histogram): a game whose callbacks are too slow shows it here first.
-A bus (servercore.Bus) is exported too once it is tracked:
-``track_bus(bus)`` (its state as ``servercore_bus_connected``, and its
-counters: published, publish_failed, received, delivered, malformed,
-reconnects).
+Every open Bus of the process is exported too, labelled by its node: its
+state as ``servercore_bus_connected`` and its counters (published,
+publish_failed, received, delivered, malformed, reconnects).
 
 ``servercore serve --metrics-port`` runs one of these in every worker and
 serves them together from the supervisor, each series labelled with its
@@ -29,7 +28,6 @@ Needs the ``prometheus-client`` package (``pip install servercore[metrics]``).
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,9 +40,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "servercore.metrics needs prometheus-client: pip install 'servercore[metrics]'"
     ) from error
 
-from servercore._core import Bus, Server
+from servercore._core import Server, _bus_stats
 
-__all__ = ["BusCollector", "MetricsEndpoint", "ServerCollector", "serve_metrics", "track_bus"]
+__all__ = ["BusCollector", "MetricsEndpoint", "ServerCollector", "serve_metrics"]
 
 # stats() keys that only grow; the others are levels.
 COUNTERS = {
@@ -113,29 +111,19 @@ BUS_COUNTERS = {
     "reconnects": "times a connection to Redis was made again",
 }
 
-_tracked_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
-
-
-def track_bus(bus: Bus) -> Bus:
-    """Exports ``bus``'s figures from every endpoint of this process (for as
-    long as the bus lives); returns it."""
-    _tracked_buses.add(bus)
-    return bus
-
-
 class BusCollector(Collector):
-    """The tracked buses' state and counters, labelled by node."""
+    """Every open bus's state and counters, labelled by node."""
 
     def collect(self) -> Iterator[Any]:
-        buses = list(_tracked_buses)
+        buses = _bus_stats()
         connected = GaugeMetricFamily("servercore_bus_connected", "whether Redis is reachable now", labels=["node"])
         families = {key: CounterMetricFamily(f"servercore_bus_{key}", text, labels=["node"])
                     for key, text in BUS_COUNTERS.items()}
-        for bus in buses:
-            stats = bus.stats()
-            connected.add_metric([bus.node], 1.0 if stats["connected"] else 0.0)
+        for stats in buses:
+            node = str(stats["node"])
+            connected.add_metric([node], 1.0 if stats["connected"] else 0.0)
             for key, family in families.items():
-                family.add_metric([bus.node], float(stats[key]))
+                family.add_metric([node], float(stats[key]))
         yield connected
         yield from families.values()
 

@@ -3,8 +3,8 @@
 //! never waits for Redis; what arrives is fanned out in the engine.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyConnectionError, PyValueError};
@@ -20,9 +20,12 @@ use crate::config::{SessionConfig, limits};
 use crate::events::SessionId;
 use crate::room::Room;
 
-#[pyclass(frozen, weakref, module = "servercore._core", name = "Bus")]
+/// Every bus of this process, for the metrics (`_bus_stats`).
+static LIVE: Mutex<Vec<Weak<Bus>>> = Mutex::new(Vec::new());
+
+#[pyclass(frozen, module = "servercore._core", name = "Bus")]
 pub struct PyBus {
-    bus: Bus,
+    bus: Arc<Bus>,
     session: SessionConfig,
     rooms: Mutex<HashMap<String, Py<PyRoom>>>,
 }
@@ -78,7 +81,10 @@ impl PyBus {
             directory_ttl: ttl,
             max_queued_publishes: queued as usize,
         };
-        let bus = Bus::start(config, shared, runtime).map_err(bus_error)?;
+        let bus = Arc::new(Bus::start(config, shared, runtime).map_err(bus_error)?);
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|bus| bus.strong_count() > 0);
+        live.push(Arc::downgrade(&bus));
         Ok(Self { bus, session: base.session_config().clone(), rooms: Mutex::default() })
     }
 
@@ -174,20 +180,7 @@ impl PyBus {
     /// The bus's counters: published, publish_failed, received, delivered,
     /// malformed, reconnects; and connected.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = self.bus.stats();
-        let dict = PyDict::new(py);
-        for (key, counter) in [
-            ("published", &stats.published),
-            ("publish_failed", &stats.publish_failed),
-            ("received", &stats.received),
-            ("delivered", &stats.delivered),
-            ("malformed", &stats.malformed),
-            ("reconnects", &stats.reconnects),
-        ] {
-            dict.set_item(key, counter.load(Ordering::Relaxed))?;
-        }
-        dict.set_item("connected", self.bus.is_connected())?;
-        Ok(dict)
+        stats_dict(py, &self.bus)
     }
 
     /// Stops the bus's tasks (also when the server stops, or the bus is collected).
@@ -199,4 +192,30 @@ impl PyBus {
         let state = if self.bus.is_connected() { "connected" } else { "disconnected" };
         format!("<Bus {} {state}>", self.bus.node())
     }
+}
+
+fn stats_dict<'py>(py: Python<'py>, bus: &Bus) -> PyResult<Bound<'py, PyDict>> {
+    let stats = bus.stats();
+    let dict = PyDict::new(py);
+    for (key, counter) in [
+        ("published", &stats.published),
+        ("publish_failed", &stats.publish_failed),
+        ("received", &stats.received),
+        ("delivered", &stats.delivered),
+        ("malformed", &stats.malformed),
+        ("reconnects", &stats.reconnects),
+    ] {
+        dict.set_item(key, counter.load(Ordering::Relaxed))?;
+    }
+    dict.set_item("connected", bus.is_connected())?;
+    dict.set_item("node", bus.node())?;
+    Ok(dict)
+}
+
+/// The stats of every bus of this process still open (servercore.metrics).
+#[pyfunction]
+pub fn _bus_stats(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    let live: Vec<Arc<Bus>> =
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    live.iter().filter(|bus| !bus.is_closed()).map(|bus| stats_dict(py, bus)).collect()
 }

@@ -38,6 +38,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<scheduler::PyTimer>()?;
     module.add_class::<room::PyRoom>()?;
     module.add_class::<bus::PyBus>()?;
+    module.add_function(wrap_pyfunction!(bus::_bus_stats, module)?)?;
     // The engine's reasons, by code; servercore.DisconnectReason is checked against it.
     let reasons: Vec<(u8, &str)> = DisconnectReason::ALL.iter().map(|r| (r.code(), r.name())).collect();
     module.add("DISCONNECT_REASONS", reasons)?;
