@@ -327,6 +327,17 @@ impl BusShared {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A connection is up: counted and said if it is a reconnection; the
+    /// backoff starts again from its first step.
+    fn came_back(&self, was_up: &mut bool, attempt: &mut u32, what: &str) {
+        if *was_up {
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            log::warn!(target: "servercore", "bus: {what} {}", self.config.url);
+        }
+        *was_up = true;
+        *attempt = 0;
+    }
+
     /// One message from Redis, fanned out here.
     fn deliver(&self, channel: &str, message: Bytes) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -418,12 +429,7 @@ async fn subscriber(shared: Arc<BusShared>, mut subscriptions: mpsc::UnboundedRe
         }
         // Queued subscriptions are covered by the ones just made.
         while subscriptions.try_recv().is_ok() {}
-        if was_up {
-            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            log::warn!(target: "servercore", "bus: subscribed again at {}", shared.config.url);
-        }
-        was_up = true;
-        attempt = 0;
+        shared.came_back(&mut was_up, &mut attempt, "subscribed again at");
         shared.subscriber_up.store(true, Ordering::Relaxed);
         loop {
             tokio::select! {
@@ -467,12 +473,7 @@ async fn publisher(shared: Arc<BusShared>, mut outgoing: mpsc::Receiver<Outgoing
                 continue;
             }
         };
-        if was_up {
-            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            log::warn!(target: "servercore", "bus: connected again to {}", shared.config.url);
-        }
-        was_up = true;
-        attempt = 0;
+        shared.came_back(&mut was_up, &mut attempt, "connected again to");
         *shared.connection() = Some(connection.clone());
         shared.publisher_up.store(true, Ordering::Relaxed);
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);

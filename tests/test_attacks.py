@@ -69,6 +69,21 @@ def finish(attacker: subprocess.Popen[str]) -> dict:
     return json.loads(out)
 
 
+def attack(server, raw_peers, *args: object) -> tuple[dict, float]:
+    """Runs the attacker (`args` for tests/attacker.py) while honest players
+    on 127.0.0.3 and 127.0.0.4 are served; what the attacker did, and the
+    slowest honest answer. An honest player is answered after it too."""
+    honest = raw_peers(server.port, source="127.0.0.3")
+    attacker = run_attacker(args[0], server.port, "127.0.0.2", *args[1:])
+    try:
+        slowest = serve_honest_players_while(server, attacker, honest, raw_peers)
+    finally:
+        attacker.kill()
+    done = finish(attacker)
+    assert exchange(server, honest, packet(ECHO_ID, b"after")) == (ECHO_ID, b"after")
+    return done, slowest
+
+
 def servercore_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "servercore" and r.levelno >= logging.WARNING]
 
@@ -78,15 +93,8 @@ def test_twelve_thousand_silent_connections_from_one_machine_lock_nobody_out(sta
     once and sends nothing. The per-address rate and limit refuse all but a
     burst of them at accept; max_sessions is never near."""
     server = start_server(Echo)
-    honest = raw_peers(server.port, source="127.0.0.3")
     with caplog.at_level(logging.WARNING, logger="servercore"):
-        attacker = run_attacker("silent", server.port, "127.0.0.2", 12_000, 3)
-        try:
-            slowest = serve_honest_players_while(server, attacker, honest, raw_peers)
-        finally:
-            attacker.kill()
-        done = finish(attacker)
-        assert exchange(server, honest, packet(ECHO_ID, b"after")) == (ECHO_ID, b"after")
+        done, slowest = attack(server, raw_peers, "silent", 12_000, 3)
         poll_until(server, lambda: server.stats()["accepted"] >= done["established"], timeout=10,
                    message=lambda: f"{server.stats()['accepted']} accepted, attacker: {done}")
     stats = server.stats()
@@ -108,15 +116,8 @@ def test_a_connection_churn_from_one_machine_is_shed_and_logs_a_handful_of_lines
     attacker process can, for 10 s (the issue's figures: about 32,000 a
     second; one Python process here makes about 26,000)."""
     server = start_server(Echo)
-    honest = raw_peers(server.port, source="127.0.0.3")
     with caplog.at_level(logging.WARNING, logger="servercore"):
-        attacker = run_attacker("churn", server.port, "127.0.0.2", 10)
-        try:
-            slowest = serve_honest_players_while(server, attacker, honest, raw_peers)
-        finally:
-            attacker.kill()
-        done = finish(attacker)
-        assert exchange(server, honest, packet(ECHO_ID, b"after")) == (ECHO_ID, b"after")
+        done, slowest = attack(server, raw_peers, "churn", 10)
         poll_until(server, lambda: server.stats()["accepted"] >= done["connections"] * 0.9, timeout=10)
         server.stop()
     stats = server.stats()

@@ -256,7 +256,6 @@ fn main() {
 
 // ---------------------------------------------------------------- utilities
 
-
 fn nofile_limit() -> u64 {
     // SAFETY: as above.
     unsafe {
@@ -432,7 +431,9 @@ async fn await_sessions(
                 Ok(Ok(0)) => return Err("ready check: server closed the connection".into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("ready check: read: {e}")),
-                Err(_) => return Err(format!("ready check: server had {last} of {want} sessions at the timeout")),
+                Err(_) => {
+                    return Err(format!("ready check: server had {last} of {want} sessions at the timeout"));
+                }
             }
         };
         last = count;
@@ -511,11 +512,17 @@ async fn broadcast_run(args: BroadcastArgs) -> Result<i32, String> {
     for (i, stream) in streams.into_iter().enumerate() {
         let progress = progress.clone();
         let (packets, size) = (args.packets, args.size as usize);
-        let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(64 * 1024) };
+        let frames = if i == 0 {
+            std::mem::replace(&mut frames0, FrameBuf::new(64))
+        } else {
+            FrameBuf::new(64 * 1024)
+        };
         if i == 0 {
             let (reader, writer) = stream.into_split();
             control_writer = Some(writer);
-            tasks.spawn(async move { (i, receive_broadcasts(reader, frames, packets, size, &progress[i]).await) });
+            tasks.spawn(
+                async move { (i, receive_broadcasts(reader, frames, packets, size, &progress[i]).await) },
+            );
         } else {
             tasks.spawn(async move {
                 let mut stream = stream;
@@ -579,6 +586,21 @@ async fn broadcast_run(args: BroadcastArgs) -> Result<i32, String> {
     Ok(if errors.is_empty() { 0 } else { 1 })
 }
 
+/// One broadcast checked: id 1, payload `size` bytes, sequence number `expected`.
+fn check_broadcast(id: u16, payload: &[u8], expected: u32, size: usize) -> Result<(), String> {
+    if id != ID_BROADCAST {
+        return Err(format!("packet id {id} where broadcast {expected} (id 1) was expected"));
+    }
+    if payload.len() != size {
+        return Err(format!("broadcast {expected}: payload {} bytes, expected {size}", payload.len()));
+    }
+    let seq = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+    if seq != expected {
+        return Err(format!("sequence {seq} where {expected} was expected (gap or reorder)"));
+    }
+    Ok(())
+}
+
 /// Reads one client's broadcasts until all `packets` arrived, each checked:
 /// id 1, payload `size` bytes, sequence number the next expected.
 async fn receive_broadcasts<R: AsyncRead + Unpin>(
@@ -591,16 +613,7 @@ async fn receive_broadcasts<R: AsyncRead + Unpin>(
     let mut expected: u32 = 0;
     loop {
         while let Some((id, payload)) = frames.next()? {
-            if id != ID_BROADCAST {
-                return Err(format!("packet id {id} where broadcast {expected} (id 1) was expected"));
-            }
-            if payload.len() != size {
-                return Err(format!("broadcast {expected}: payload {} bytes, expected {size}", payload.len()));
-            }
-            let seq = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
-            if seq != expected {
-                return Err(format!("sequence {seq} where {expected} was expected (gap or reorder)"));
-            }
+            check_broadcast(id, payload, expected, size)?;
             expected += 1;
             if expected == packets {
                 progress.store(expected, Ordering::Relaxed);
@@ -615,7 +628,9 @@ async fn receive_broadcasts<R: AsyncRead + Unpin>(
             return Ok(Instant::now());
         }
         match frames.fill(&mut reader).await {
-            Ok(0) => return Err(format!("server closed the connection after {expected} of {packets} broadcasts")),
+            Ok(0) => {
+                return Err(format!("server closed the connection after {expected} of {packets} broadcasts"));
+            }
             Ok(_) => {}
             Err(e) => return Err(format!("read after {expected} of {packets} broadcasts: {e}")),
         }
@@ -624,7 +639,14 @@ async fn receive_broadcasts<R: AsyncRead + Unpin>(
 
 // ---------------------------------------------------------------- echo / latency
 
-async fn echo(common: Common, clients: usize, inflight: usize, count: u64, size: usize, label: String) -> i32 {
+async fn echo(
+    common: Common,
+    clients: usize,
+    inflight: usize,
+    count: u64,
+    size: usize,
+    label: String,
+) -> i32 {
     match echo_run(common, clients, inflight, count, size, &label).await {
         Ok(code) => code,
         Err(e) => fail(&label, &e),
@@ -658,7 +680,11 @@ async fn echo_run(
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for (i, stream) in streams.into_iter().enumerate() {
-        let frames = if i == 0 { std::mem::replace(&mut frames0, FrameBuf::new(64)) } else { FrameBuf::new(16 * 1024) };
+        let frames = if i == 0 {
+            std::mem::replace(&mut frames0, FrameBuf::new(64))
+        } else {
+            FrameBuf::new(16 * 1024)
+        };
         tasks.spawn(async move { (i, echo_client(stream, frames, inflight, count, size, started).await) });
     }
     let (rtts, seconds, errors) = collect_rtts(tasks, started, timeout, clients * count as usize).await;
@@ -1365,9 +1391,14 @@ async fn raw_probe(mut stream: TcpStream, client: usize, size: usize) -> Result<
     let mut buf = vec![0u8; size.max(64)];
     let mut got = 0;
     while got < size {
-        let n = stream.read(&mut buf[..size - got]).await.map_err(|e| format!("client {client}: probe: read: {e}"))?;
+        let n = stream
+            .read(&mut buf[..size - got])
+            .await
+            .map_err(|e| format!("client {client}: probe: read: {e}"))?;
         if n == 0 {
-            return Err(format!("client {client}: server closed the connection after {got} of {size} probe bytes"));
+            return Err(format!(
+                "client {client}: server closed the connection after {got} of {size} probe bytes"
+            ));
         }
         check_raw(&buf[..n], &probe[got..got + n], client, 0, got)?;
         got += n;
@@ -1406,7 +1437,10 @@ async fn raw_echo_run(args: RawEchoArgs) -> Result<i32, String> {
             Ok(None) => break,
             Err(_) => {
                 let back = ready.iter().filter(|s| s.is_some()).count();
-                return Err(format!("only {back} of {clients} probes came back within {:.1} s", timeout.as_secs_f64()));
+                return Err(format!(
+                    "only {back} of {clients} probes came back within {:.1} s",
+                    timeout.as_secs_f64()
+                ));
             }
         }
     }
@@ -1477,7 +1511,9 @@ async fn raw_echo_client(
     put_raw_message(&mut expect, id, 1, size);
     while received < count {
         let n = match stream.read(&mut buf).await {
-            Ok(0) => return Err(format!("server closed the connection after {received} of {count} messages")),
+            Ok(0) => {
+                return Err(format!("server closed the connection after {received} of {count} messages"));
+            }
             Ok(n) => n,
             Err(e) => return Err(format!("read after {received} of {count} messages: {e}")),
         };
@@ -1656,16 +1692,7 @@ async fn receive_timed<R: AsyncRead + Unpin>(
     let mut samples = Vec::with_capacity(packets as usize);
     loop {
         while let Some((id, payload)) = frames.next()? {
-            if id != ID_BROADCAST {
-                return Err(format!("packet id {id} where broadcast {expected} (id 1) was expected"));
-            }
-            if payload.len() != size {
-                return Err(format!("broadcast {expected}: payload {} bytes, expected {size}", payload.len()));
-            }
-            let seq = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
-            if seq != expected {
-                return Err(format!("sequence {seq} where {expected} was expected (gap or reorder)"));
-            }
+            check_broadcast(id, payload, expected, size)?;
             let sent = u64::from_le_bytes(payload[4..12].try_into().expect("8 bytes"));
             samples.push(monotonic_ns().saturating_sub(sent));
             expected += 1;

@@ -242,7 +242,8 @@ impl Server {
             let mut left = n as usize;
             client.queued_bytes -= left;
             while left > 0 {
-                let head = client.queue.front().expect("written bytes were queued").len() - client.head_written;
+                let head =
+                    client.queue.front().expect("written bytes were queued").len() - client.head_written;
                 if left >= head {
                     left -= head;
                     client.head_written = 0;
