@@ -25,9 +25,11 @@ enum Refusal {
     Rate,
     /// Its address has `max_sessions_per_address` open.
     PerAddress(usize),
-    /// `max_sessions` are open (or waiting for their PROXY header) and none
-    /// of them is silent.
+    /// `max_sessions` are open and none of them is silent.
     Full(usize),
+    /// `max_sessions` connections from trusted proxies are waiting for their
+    /// PROXY header already.
+    Handshakes(usize),
 }
 
 pub struct Admission {
@@ -75,6 +77,15 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// A trusted proxy's connection refused before its header is read: as
+    /// many are waiting for theirs as `max_sessions` allows.
+    pub fn refuse_handshake(&self, peer: SocketAddr, waiting: usize, stats: &ServiceStats) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.note(stats, peer, Refusal::Handshakes(waiting));
+    }
+}
+
 impl State {
     fn verdict(
         &mut self,
@@ -117,6 +128,11 @@ impl State {
             Refusal::Full(limit) => {
                 (&stats.rejected, &mut self.full_log, format!("max_sessions {limit} reached"))
             }
+            Refusal::Handshakes(waiting) => (
+                &stats.rejected,
+                &mut self.full_log,
+                format!("{waiting} PROXY headers are awaited already (max_sessions)"),
+            ),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         log.warn(|suppressed| format!("{peer}: refused, {why}{suppressed}"));

@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
@@ -44,6 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::events::SessionId;
 use crate::frame::HEADER_SIZE;
+use crate::log_limit::ThrottledLog;
 use crate::registry::BroadcastOutcome;
 use crate::room::Room;
 use crate::service::ServiceShared;
@@ -52,6 +53,8 @@ const TO_CHANNEL: u8 = 1;
 const TO_SESSION: u8 = 2;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a connection must hold for the backoff to start over.
+const STABLE: Duration = Duration::from_secs(5);
 /// Publishes one round trip to Redis carries at most.
 const PUBLISH_BATCH: usize = 256;
 
@@ -85,6 +88,11 @@ enum Route {
     Group(Arc<dyn Fanout>),
 }
 
+enum Subscription {
+    Join(String),
+    Leave(String),
+}
+
 enum Outgoing {
     Publish { channel: String, message: Bytes },
     Register { key: String, value: String },
@@ -114,8 +122,8 @@ struct BusShared {
     client: redis::Client,
     service: Arc<ServiceShared>,
     routes: Mutex<HashMap<String, Route>>,
-    /// Channels the subscriber task should subscribe to now.
-    subscribe: mpsc::UnboundedSender<String>,
+    /// Channels the subscriber task should subscribe to or leave now.
+    subscriptions: mpsc::UnboundedSender<Subscription>,
     publish: mpsc::Sender<Outgoing>,
     /// Names in the directory, and whose they are.
     names: Mutex<HashMap<String, SessionId>>,
@@ -126,6 +134,7 @@ struct BusShared {
     /// The subscriber lost Redis: the publisher checks its own connection
     /// at once rather than at its next write (which would be lost).
     lost: tokio::sync::Notify,
+    refusals: Mutex<ThrottledLog>,
     stats: BusStats,
 }
 
@@ -151,7 +160,7 @@ impl Bus {
         let connection =
             connection.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(connection).map_err(url_error)?;
-        let (subscribe, subscriptions) = mpsc::unbounded_channel();
+        let (subscriptions_tx, subscriptions) = mpsc::unbounded_channel();
         let (publish, outgoing) = mpsc::channel(config.max_queued_publishes);
         let mut routes = HashMap::new();
         routes.insert(format!("{}:all", config.prefix), Route::AllSessions);
@@ -161,13 +170,14 @@ impl Bus {
             client,
             service,
             routes: Mutex::new(routes),
-            subscribe,
+            subscriptions: subscriptions_tx,
             publish,
             names: Mutex::default(),
             connection: Mutex::default(),
             publisher_up: AtomicBool::new(false),
             subscriber_up: AtomicBool::new(false),
             lost: tokio::sync::Notify::new(),
+            refusals: Mutex::new(ThrottledLog::new(Duration::from_secs(5))),
             stats: BusStats::default(),
         });
         let tasks = vec![
@@ -200,8 +210,18 @@ impl Bus {
         let channel = self.room_channel(name);
         let new = self.shared.routes().insert(channel.clone(), Route::Group(members)).is_none();
         if new {
-            let _ = self.shared.subscribe.send(channel);
+            let _ = self.shared.subscriptions.send(Subscription::Join(channel));
         }
+    }
+
+    /// Stops fanning out the room `name` here (and unsubscribes from it).
+    pub fn detach_room(&self, name: &str) -> bool {
+        let channel = self.room_channel(name);
+        let removed = self.shared.routes().remove(&channel).is_some();
+        if removed {
+            let _ = self.shared.subscriptions.send(Subscription::Leave(channel));
+        }
+        removed
     }
 
     /// Publishes a framed packet to every session of every service.
@@ -236,13 +256,21 @@ impl Bus {
     }
 
     /// The address registered for `name`, asked of Redis (waits up to `timeout`).
+    /// Not from one of the runtime's own threads: it waits on the runtime.
     pub fn lookup(&self, name: &str, timeout: Duration) -> Result<Option<SessionAddress>, BusError> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(BusError::Unavailable("lookup cannot wait on an engine thread".to_owned()));
+        }
         let unavailable = || BusError::Unavailable("Redis is unreachable".to_owned());
         let mut connection = self.shared.connection().clone().ok_or_else(unavailable)?;
         let key = self.directory_key(name);
-        let value: Option<String> = self
-            .runtime
-            .block_on(async { tokio::time::timeout(timeout, connection.get(key)).await })
+        // The runtime may shut down (the server stopping) between the check
+        // above and the wait: tokio then panics, which is an answer too.
+        let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.runtime.block_on(async { tokio::time::timeout(timeout, connection.get(key)).await })
+        }))
+        .map_err(|_| BusError::Unavailable("the server has stopped".to_owned()))?;
+        let value: Option<String> = asked
             .map_err(|_| BusError::Unavailable(format!("Redis did not answer within {timeout:?}")))?
             .map_err(|error| BusError::Unavailable(error.to_string()))?;
         Ok(value.and_then(|text| text.parse().ok()))
@@ -274,11 +302,11 @@ impl Bus {
     /// Stops the tasks: nothing is published or received from now on.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        self.shared.publisher_up.store(false, Ordering::Relaxed);
-        self.shared.subscriber_up.store(false, Ordering::Relaxed);
         for task in &self.tasks {
             task.abort();
         }
+        Down { shared: &self.shared, publisher: true }.mark();
+        Down { shared: &self.shared, publisher: false }.mark();
     }
 }
 
@@ -327,15 +355,19 @@ impl BusShared {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A connection is up: counted and said if it is a reconnection; the
-    /// backoff starts again from its first step.
-    fn came_back(&self, was_up: &mut bool, attempt: &mut u32, what: &str) {
+    /// A connection is up: counted and said if it is a reconnection.
+    fn came_back(&self, was_up: &mut bool, what: &str) {
         if *was_up {
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             log::warn!(target: "servercore", "bus: {what} {}", self.config.url);
         }
         *was_up = true;
-        *attempt = 0;
+    }
+
+    /// Redis refused a command (the connection is fine): said at most once per 5 s.
+    fn refused(&self, error: &redis::RedisError) {
+        let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        log.warn(|suppressed| format!("bus: Redis refused a command: {error}{suppressed}"));
     }
 
     /// One message from Redis, fanned out here.
@@ -364,6 +396,31 @@ impl BusShared {
             }
         };
         self.stats.delivered.fetch_add(delivered as u64, Ordering::Relaxed);
+    }
+}
+
+/// Marks one of the two connections down when its task ends, however it
+/// ends: a runtime that shuts down (the server stopping) drops the task
+/// without a word, and `connected` must not go on saying true.
+struct Down<'a> {
+    shared: &'a BusShared,
+    publisher: bool,
+}
+
+impl Down<'_> {
+    fn mark(&self) {
+        if self.publisher {
+            self.shared.publisher_up.store(false, Ordering::Relaxed);
+            *self.shared.connection() = None;
+        } else {
+            self.shared.subscriber_up.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        self.mark();
     }
 }
 
@@ -396,6 +453,16 @@ fn open_envelope(mut message: Bytes) -> Option<(Option<SessionId>, Bytes)> {
     (size >= HEADER_SIZE && size == message.len()).then_some((session, message))
 }
 
+/// A connection that held for `STABLE` starts its reconnection from the
+/// first step; one that broke at once (Redis accepts and drops us) does not,
+/// so it cannot make the bus reconnect in a tight loop.
+async fn settle_backoff(attempt: &mut u32, up_since: Instant) {
+    if up_since.elapsed() >= STABLE {
+        *attempt = 0;
+    }
+    backoff(attempt).await;
+}
+
 async fn backoff(attempt: &mut u32) {
     let delay = BACKOFF_FIRST.saturating_mul(1 << (*attempt).min(6)).min(BACKOFF_MAX);
     *attempt += 1;
@@ -404,7 +471,8 @@ async fn backoff(attempt: &mut u32) {
 
 /// Receives what is published to this service's channels, for as long as
 /// the bus lives, reconnecting when Redis goes away.
-async fn subscriber(shared: Arc<BusShared>, mut subscriptions: mpsc::UnboundedReceiver<String>) {
+async fn subscriber(shared: Arc<BusShared>, mut subscriptions: mpsc::UnboundedReceiver<Subscription>) {
+    let _down = Down { shared: &shared, publisher: false };
     let mut attempt = 0;
     let mut was_up = false;
     loop {
@@ -419,17 +487,18 @@ async fn subscriber(shared: Arc<BusShared>, mut subscriptions: mpsc::UnboundedRe
             }
         };
         let (mut sink, mut stream) = pubsub.split();
-        // Everything this service listens to, from the routes: a room made while
-        // Redis was away is subscribed to now.
+        // Queued changes are covered by the routes, read after them: a room
+        // made while Redis was away (or during this SUBSCRIBE) is subscribed
+        // to now or by its own change, never by neither.
+        while subscriptions.try_recv().is_ok() {}
         let channels: Vec<String> = shared.routes().keys().cloned().collect();
         if let Err(error) = sink.subscribe(&channels).await {
             log::warn!(target: "servercore", "bus: subscribing failed: {error}; retrying");
             backoff(&mut attempt).await;
             continue;
         }
-        // Queued subscriptions are covered by the ones just made.
-        while subscriptions.try_recv().is_ok() {}
-        shared.came_back(&mut was_up, &mut attempt, "subscribed again at");
+        shared.came_back(&mut was_up, "subscribed again at");
+        let up_since = Instant::now();
         shared.subscriber_up.store(true, Ordering::Relaxed);
         loop {
             tokio::select! {
@@ -440,8 +509,12 @@ async fn subscriber(shared: Arc<BusShared>, mut subscriptions: mpsc::UnboundedRe
                     }
                     None => break,
                 },
-                Some(channel) = subscriptions.recv() => {
-                    if sink.subscribe(&channel).await.is_err() {
+                Some(change) = subscriptions.recv() => {
+                    let done = match change {
+                        Subscription::Join(channel) => sink.subscribe(&channel).await,
+                        Subscription::Leave(channel) => sink.unsubscribe(&channel).await,
+                    };
+                    if done.is_err() {
                         break;
                     }
                 }
@@ -450,16 +523,20 @@ async fn subscriber(shared: Arc<BusShared>, mut subscriptions: mpsc::UnboundedRe
         shared.subscriber_up.store(false, Ordering::Relaxed);
         shared.lost.notify_one();
         log::warn!(target: "servercore", "bus: lost the subscription at {}; reconnecting", shared.config.url);
+        settle_backoff(&mut attempt, up_since).await;
     }
 }
 
 /// Sends publishes and directory writes in order, batching what is queued
 /// into one round trip; refreshes the directory every third of its TTL.
 async fn publisher(shared: Arc<BusShared>, mut outgoing: mpsc::Receiver<Outgoing>) {
+    let _down = Down { shared: &shared, publisher: true };
     let mut attempt = 0;
     let mut was_up = false;
     let ttl = shared.config.directory_ttl;
     let mut heartbeat = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+    // After an outage, one heartbeat, not every one that was missed.
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut connection = match shared.client.get_multiplexed_async_connection().await {
             Ok(connection) => connection,
@@ -473,7 +550,8 @@ async fn publisher(shared: Arc<BusShared>, mut outgoing: mpsc::Receiver<Outgoing
                 continue;
             }
         };
-        shared.came_back(&mut was_up, &mut attempt, "connected again to");
+        shared.came_back(&mut was_up, "connected again to");
+        let up_since = Instant::now();
         *shared.connection() = Some(connection.clone());
         shared.publisher_up.store(true, Ordering::Relaxed);
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -502,6 +580,7 @@ async fn publisher(shared: Arc<BusShared>, mut outgoing: mpsc::Receiver<Outgoing
         shared.publisher_up.store(false, Ordering::Relaxed);
         *shared.connection() = None;
         log::warn!(target: "servercore", "bus: lost {}: {failed}; reconnecting", shared.config.url);
+        settle_backoff(&mut attempt, up_since).await;
     }
 }
 
@@ -511,30 +590,53 @@ async fn send_batch(
     batch: &mut Vec<Outgoing>,
 ) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
-    let mut publishes = 0u64;
+    // Redis may refuse one command (OOM, a read-only replica, an ACL) and
+    // take the others: each is judged on its own, and only a broken
+    // connection ends the connection.
+    pipe.ignore_errors();
+    let mut is_publish = Vec::with_capacity(batch.len());
     let ttl = shared.config.directory_ttl.as_secs().max(1);
     for item in batch.drain(..) {
         match item {
             Outgoing::Publish { channel, message } => {
-                pipe.publish(channel, message.as_ref()).ignore();
-                publishes += 1;
+                pipe.publish(channel, message.as_ref());
+                is_publish.push(true);
             }
             Outgoing::Register { key, value } => {
-                pipe.set_ex(key, value, ttl).ignore();
+                pipe.set_ex(key, value, ttl);
+                is_publish.push(false);
             }
         }
     }
-    match pipe.query_async::<()>(connection).await {
-        Ok(()) => {
-            shared.stats.published.fetch_add(publishes, Ordering::Relaxed);
-            Ok(())
-        }
+    let results = match pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(connection).await {
+        Ok(results) => results,
         Err(error) => {
+            let publishes = is_publish.iter().filter(|&&p| p).count() as u64;
             shared.stats.publish_failed.fetch_add(publishes, Ordering::Relaxed);
-            Err(error)
+            return Err(error);
         }
+    };
+    for (result, publish) in results.into_iter().zip(is_publish) {
+        match (result, publish) {
+            (Ok(_), true) => shared.stats.published.fetch_add(1, Ordering::Relaxed),
+            (Err(error), true) => {
+                shared.refused(&error);
+                shared.stats.publish_failed.fetch_add(1, Ordering::Relaxed)
+            }
+            (Err(error), false) => {
+                shared.refused(&error);
+                0
+            }
+            (Ok(_), false) => 0,
+        };
     }
+    Ok(())
 }
+
+/// Deletes a directory entry only if it still names this session: the
+/// player may have logged in again on another service meanwhile.
+const DELETE_IF_OURS: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// Keeps the live sessions' names alive; forgets the ended ones'.
 async fn refresh_directory(
@@ -547,21 +649,28 @@ async fn refresh_directory(
     }
     let ttl = shared.config.directory_ttl.as_secs().max(1);
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     let mut ended = Vec::new();
     for (name, id) in names {
         let key = format!("{}:session:{name}", shared.config.prefix);
+        let address = SessionAddress { node: shared.config.node.clone(), session: id }.to_string();
         if shared.service.registry.get(id).is_some() {
-            let address = SessionAddress { node: shared.config.node.clone(), session: id };
-            pipe.set_ex(key, address.to_string(), ttl).ignore();
+            pipe.set_ex(key, address, ttl);
         } else {
-            pipe.del(key).ignore();
-            ended.push(name);
+            pipe.cmd("EVAL").arg(DELETE_IF_OURS).arg(1).arg(key).arg(address);
+            ended.push((name, id));
         }
     }
-    pipe.query_async::<()>(connection).await?;
+    let results = pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(connection).await?;
+    if let Some(Err(error)) = results.into_iter().find(Result::is_err) {
+        shared.refused(&error);
+    }
     let mut names = shared.names();
-    for name in ended {
-        names.remove(&name);
+    for (name, id) in ended {
+        // Unless the name was registered again meanwhile, for another session.
+        if names.get(&name) == Some(&id) {
+            names.remove(&name);
+        }
     }
     Ok(())
 }

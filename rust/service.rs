@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +44,8 @@ pub struct ServiceShared {
     /// Connections from trusted proxies whose PROXY header is being read:
     /// they hold a socket, so they count against `max_sessions`.
     proxy_handshakes: AtomicUsize,
+    /// False once the service stops taking new connections (a drain).
+    accepting: AtomicBool,
     /// Ends a shutdown's wait for its sessions to flush (a second signal).
     hurry: tokio::sync::Notify,
 }
@@ -63,6 +65,7 @@ impl ServiceShared {
             reactors,
             next_id: AtomicU64::new(1),
             proxy_handshakes: AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
             hurry: tokio::sync::Notify::new(),
         }))
     }
@@ -110,23 +113,26 @@ impl ServiceShared {
     /// is then admitted like a direct connection. A connection whose header
     /// is missing, malformed or late never becomes a session (PROXY_HEADER).
     async fn accept_proxied(self: Arc<Self>, stream: mio::net::TcpStream, proxy: SocketAddr) {
+        // The sockets waiting for a header are bounded; room for the session
+        // itself (eviction included) is decided once the client is known.
         let handshakes = self.proxy_handshakes.fetch_add(1, Ordering::Relaxed);
-        let outcome = if handshakes + self.registry.len() >= self.config.max_sessions {
-            Err(format!(
-                "max_sessions {} reached, with {handshakes} PROXY headers awaited",
-                self.config.max_sessions
-            ))
-        } else {
+        if handshakes >= self.config.max_sessions {
+            self.proxy_handshakes.fetch_sub(1, Ordering::Relaxed);
+            self.admission.refuse_handshake(proxy, handshakes, &self.context.stats);
+            return;
+        }
+        let outcome =
             match tokio::time::timeout(proxy_header::HEADER_TIMEOUT, proxy_header::read(stream)).await {
                 Ok(read) => read,
                 Err(_) => Err(format!(
                     "no complete PROXY header within {} s of connecting",
                     proxy_header::HEADER_TIMEOUT.as_secs()
                 )),
-            }
-        };
+            };
         self.proxy_handshakes.fetch_sub(1, Ordering::Relaxed);
         match outcome {
+            // A drain began while the header was read: no new sessions.
+            Ok(_) if !self.accepting.load(Ordering::Relaxed) => {}
             Ok((stream, header)) => {
                 let peer = header.client.unwrap_or(proxy);
                 if self.admit(peer) {
@@ -344,6 +350,7 @@ impl Service {
     /// No new sessions from now on (a server closes its listening socket);
     /// the open ones go on. Idempotent.
     pub fn stop_accepting(&mut self) {
+        self.shared.accepting.store(false, Ordering::Relaxed);
         if let Some(accept) = self.accept_task.take() {
             accept.abort();
         }

@@ -105,6 +105,20 @@ def test_a_room_spans_servers_and_one_publish_reaches_its_members_only(cluster):
         assert exchange(server, peer, packet(7, b"x")) == (7, b"x"), "a non-member got the guild's packet"
 
 
+def test_a_closed_room_no_longer_receives(cluster):
+    (server_a, bus_a, peers_a), (server_b, bus_b, peers_b) = cluster()
+    bus_a.room("match-7").add(list(server_a.sessions)[0])
+    bus_b.room("match-7").add(list(server_b.sessions)[0])
+    time.sleep(0.1)
+    assert bus_b.close_room("match-7") is True
+    assert bus_b.close_room("match-7") is False
+    time.sleep(0.1)  # the UNSUBSCRIBE
+    assert bus_a.publish("match-7", NOTICE, b"gg") is True
+    assert peers_a[0].recv_packet_with_id(NOTICE) == b"gg"
+    assert exchange(server_b, peers_b[0], packet(7, b"x")) == (7, b"x"), "a closed room still received"
+    assert bus_b.stats()["delivered"] == 0
+
+
 def test_a_player_on_another_server_is_reached_through_the_directory(cluster):
     (server_a, bus_a, peers_a), (server_b, bus_b, peers_b) = cluster(directory_ttl=1.5)
     alice = list(server_b.sessions)[0]
@@ -203,6 +217,21 @@ def test_a_wrong_url_is_a_clear_error_and_an_unreachable_one_is_a_disconnected_b
             bus.lookup("anyone")
     finally:
         bus.close()
+
+
+def test_a_bus_whose_server_stopped_says_so(start_server, redis):
+    server = start_server(Echo)
+    bus = Bus(server, redis.url)
+    wait_connected([bus])
+    server.stop()
+    deadline = time.monotonic() + 5
+    while bus.connected:
+        assert time.monotonic() < deadline, "the bus still says connected after its server stopped"
+        time.sleep(0.02)
+    assert bus.broadcast(NOTICE, b"x") is False
+    with pytest.raises(ConnectionError, match="bus: "):
+        bus.lookup("anyone")
+    bus.close()
 
 
 def test_a_bus_needs_a_started_server(start_server, redis):

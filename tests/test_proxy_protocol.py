@@ -139,6 +139,21 @@ def test_per_address_limits_apply_to_the_real_client(proxied):
     assert sorted(p[0] for p in Echo.peers) == ["198.51.100.9", "203.0.113.7", "203.0.113.7"]
 
 
+def test_a_full_server_behind_a_proxy_evicts_a_silent_connection(proxied):
+    """As for direct connections: at max_sessions the connection that has
+    sent nothing for longest makes room for the newcomer (EVICTED)."""
+    server, connect = proxied(max_sessions=2)
+    silent = connect(v1("203.0.113.7", 1001, server.port))
+    talker = connect(v1("198.51.100.9", 2001, server.port))
+    assert exchange(server, talker, packet(ECHO_ID, b"here")) == (ECHO_ID, b"here")
+    poll_until(server, lambda: len(server) == 2)
+    newcomer = connect(v1("192.0.2.44", 3001, server.port))
+    assert silent.wait_closed(5), "the silent connection kept its slot"
+    assert exchange(server, newcomer, packet(ECHO_ID, b"in")) == (ECHO_ID, b"in")
+    poll_until(server, lambda: server.stats()["disconnects"]["EVICTED"] == 1)
+    assert server.stats()["rejected"] == 0
+
+
 def test_the_accept_rate_applies_to_the_real_client(proxied):
     server, connect = proxied(max_accepts_per_second=1)
     peers = [connect(v1("203.0.113.7", 1000 + n, server.port)) for n in range(4)]

@@ -208,6 +208,13 @@ def test_a_worker_that_cannot_start_stops_everything_with_a_clear_error(cluster)
     assert "NoSuchClass" in c.output()
 
 
+def test_a_setup_that_raises_stops_everything_at_once(cluster):
+    c = cluster("--workers", "2", "--setup", "worker_app:broken_setup")
+    assert c.wait_exit(30) == 78, c.output()
+    assert "its setup failed" in c.output() and "the game's setup is broken" in c.output()
+    assert "restarting in" not in c.output()
+
+
 def test_a_port_held_by_another_program_is_an_error(tmp_path):
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@
 Packet 7 is echoed; packet 8 is answered with the worker's pid (packet 8,
 u32), so a client can tell which worker it reached. `setup` says goodbye to
 every session when the worker drains; `crash_soon` makes a worker die a
-moment after it is ready.
+moment after it is ready; `broken_setup` raises.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ def setup(server: Server):
         server.broadcast(GOODBYE_ID, b"bye")
 
     return on_stopping
+
+
+def broken_setup(server: Server) -> None:
+    raise RuntimeError("the game's setup is broken")
 
 
 def crash_soon(server: Server) -> None:

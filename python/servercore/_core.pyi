@@ -318,6 +318,9 @@ class Bus:
     def room(self, name: str) -> Room:
         """The room `name` here (the same object each time): what any server
         publishes to `name` reaches its members."""
+    def close_room(self, name: str) -> bool:
+        """Stop receiving what is published to `name` here (a match that
+        ended); whether there was such a room."""
     def address(self, session: Session) -> str:
         """`session`'s address in the cluster ("node/id")."""
     @overload

@@ -126,6 +126,7 @@ class Supervisor:
         self.crashes: list[float] = []
         self.restarts = 0
         self.signals: list[int] = []
+        self.failed_stops = 0
         self.announced = False
         self.grace = float(options.get("shutdown_grace", 5.0))
 
@@ -173,13 +174,17 @@ class Supervisor:
         self.signals.append(signum)
 
     def supervise(self) -> int:
+        with selectors.DefaultSelector() as selector:
+            return self.supervise_with(selector)
+
+    def supervise_with(self, selector: selectors.BaseSelector) -> int:
         stopping_since: float | None = None
         forwarded = 0
-        selector = selectors.DefaultSelector()
         while True:
             now = time.monotonic()
-            if len(self.signals) > forwarded:
-                forwarded = len(self.signals)
+            # One at a time: a quick double Ctrl-C is a drain, then "at once".
+            while forwarded < len(self.signals):
+                forwarded += 1
                 if stopping_since is None:
                     stopping_since = now
                     log.warning("%s: workers drain (again to stop at once)", signal.Signals(self.signals[0]).name)
@@ -189,9 +194,8 @@ class Supervisor:
                     self.signal_all(signal.SIGINT)
             if stopping_since is not None:
                 if all(w.process is None for w in self.workers):
-                    failed = [w.index for w in self.workers if w.exits and w.exits[-1] != 0]
                     log.info("every worker has exited")
-                    return 1 if failed else 0
+                    return 1 if self.failed_stops else 0
                 if now - stopping_since > self.grace + STOP_MARGIN:
                     log.error("workers still running %.0f s after the drain began: killing them",
                               now - stopping_since)
@@ -217,6 +221,10 @@ class Supervisor:
         worker.ready = False
         how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         if stopping:
+            # Killed by the signal that asked it to stop (before it had taken
+            # the signal over) is a clean stop too.
+            if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                self.failed_stops += 1
             log.info("worker %d (pid %d) exited: %s", worker.index, process.pid, how)
             return None
         if code == EX_CONFIG:
@@ -252,6 +260,10 @@ class Supervisor:
         try:
             worker.process = subprocess.Popen(command, pass_fds=(ready_write, lifeline_read),
                                               start_new_session=True)
+        except BaseException:
+            os.close(ready_read)
+            os.close(lifeline_write)
+            raise
         finally:
             os.close(ready_write)
             os.close(lifeline_read)
@@ -433,15 +445,27 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         setup = _load(args.setup) if args.setup else None
         server = Server(session_class, args.host, args.port, reuse_port=True, **json.loads(args.options))
         server.start()
-    except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
+    except OSError as error:
+        log.error("worker %d cannot start: %s: %s", args.worker, type(error).__name__, error)
+        # The address itself is the problem: every worker would fail alike.
+        # Anything else (out of descriptors, memory) may pass: restart it.
+        return EX_CONFIG if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) else 1
+    except Exception as error:
         log.error("worker %d cannot start: %s: %s", args.worker, type(error).__name__, error)
         return EX_CONFIG
     endpoint = None
-    if args.metrics:
-        from servercore.metrics import serve_metrics
+    try:
+        if args.metrics:
+            from servercore.metrics import serve_metrics
 
-        endpoint = serve_metrics(server)
-    on_stopping = setup(server) if setup is not None else None
+            endpoint = serve_metrics(server)
+        on_stopping = setup(server) if setup is not None else None
+    except Exception:
+        log.exception("worker %d cannot start: its setup failed", args.worker)
+        if endpoint is not None:
+            endpoint.close()
+        server.stop()
+        return EX_CONFIG
     _watch_lifeline(args.lifeline_fd)
     said = {"pid": os.getpid(), "metrics_port": endpoint.port if endpoint else None}
     os.write(args.ready_fd, json.dumps(said).encode())

@@ -135,6 +135,14 @@ impl PyBus {
         Ok(object)
     }
 
+    /// Stops fanning out the room `name` here and unsubscribes from it (a
+    /// match that ended); whether there was one. Its members stay in the
+    /// Room object, which no longer receives what is published to `name`.
+    fn close_room(&self, name: &str) -> bool {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.bus.detach_room(name)
+    }
+
     /// `session`'s address in the cluster ("node/id"), for `send_to`.
     fn address(&self, session: &Bound<'_, PySession>) -> PyResult<String> {
         Ok(self.bus.address_of(SessionId(session.get().session_id()?)).to_string())

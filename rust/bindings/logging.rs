@@ -9,12 +9,16 @@
 //!
 //! To keep records in order with the callbacks in the common case, the
 //! polling thread waits for the log thread at each `flush`, but only while it
-//! makes progress: once one record has taken `SLOW_RECORD`, or the wait has
-//! taken `MAX_FLUSH_WAIT`, it goes back to the game and the records follow
-//! when the handler lets them.
+//! keeps up: once one record has taken `SLOW_RECORD`, or the handlers have
+//! taken that long in all, or the wait has taken `MAX_FLUSH_WAIT` (a log
+//! thread not scheduled yet), it goes back to the game and the records
+//! follow when the handler lets them.
+//!
+//! A process forked after the log thread started has none: its first flush
+//! notices (the pid changed) and starts its own.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +80,9 @@ struct LogBridge {
     pending: AtomicBool,
 }
 
+/// The process the log thread runs in.
+static PUMP_PID: AtomicU32 = AtomicU32::new(0);
+
 static BRIDGE: LogBridge = LogBridge {
     queue: Mutex::new(Queue {
         records: VecDeque::new(),
@@ -97,8 +104,11 @@ impl LogBridge {
 
     fn push(&self, record: QueuedRecord) {
         let mut queue = self.lock();
+        // Dropped after the lock is let go: a record may hold an exception,
+        // whose last reference can run Python code (which may log).
+        let mut evicted = None;
         if queue.records.len() >= MAX_QUEUED_RECORDS {
-            queue.records.pop_front();
+            evicted = queue.records.pop_front();
             queue.dropped += 1;
             self.done(&mut queue, 1);
         }
@@ -106,10 +116,12 @@ impl LogBridge {
         queue.queued_total += 1;
         self.pending.store(true, Ordering::Release);
         drop(queue);
+        drop(evicted);
         self.records_queued.notify_one();
     }
 
-    /// Takes what is queued, with the count of what was dropped.
+    /// Takes what is queued, with the count of what was dropped (for whoever
+    /// emits them when there is no log thread).
     fn take(queue: &mut Queue) -> (Vec<QueuedRecord>, u64) {
         (queue.records.drain(..).collect(), std::mem::take(&mut queue.dropped))
     }
@@ -175,11 +187,18 @@ pub fn flush(py: Python<'_>) -> PyResult<()> {
         return Ok(());
     }
     let mut queue = BRIDGE.lock();
+    let pid = std::process::id();
+    if queue.pump == Pump::Running && PUMP_PID.load(Ordering::Relaxed) != pid {
+        // Forked: the log thread stayed with the parent.
+        queue.pump = Pump::NotStarted;
+        queue.emitting_since = None;
+    }
     if queue.pump == Pump::NotStarted {
         queue.pump = match std::thread::Builder::new().name("servercore-log".into()).spawn(pump) {
             Ok(_) => Pump::Running,
             Err(_) => Pump::Gone,
         };
+        PUMP_PID.store(pid, Ordering::Relaxed);
     }
     if queue.pump == Pump::Gone {
         let (records, dropped) = LogBridge::take(&mut queue);
@@ -193,13 +212,20 @@ pub fn flush(py: Python<'_>) -> PyResult<()> {
 }
 
 fn wait_for_pump(target: u64) {
-    let give_up = Instant::now() + MAX_FLUSH_WAIT;
+    let started = Instant::now();
+    let give_up = started + MAX_FLUSH_WAIT;
     let mut queue = BRIDGE.lock();
+    let done_at_start = queue.done_total;
     BRIDGE.records_queued.notify_one();
     loop {
         let now = Instant::now();
         let stuck = queue.emitting_since.is_some_and(|since| now.duration_since(since) >= SLOW_RECORD);
-        if queue.done_total >= target || queue.pump != Pump::Running || stuck || now >= give_up {
+        // The log thread is running but the handlers are slow (each record
+        // just under SLOW_RECORD, say): one SLOW_RECORD of waiting is enough.
+        // MAX_FLUSH_WAIT is for a log thread the scheduler has not run yet.
+        let slow = (queue.done_total > done_at_start || queue.emitting_since.is_some())
+            && now.duration_since(started) >= SLOW_RECORD;
+        if queue.done_total >= target || queue.pump != Pump::Running || stuck || slow || now >= give_up {
             return;
         }
         // Woken by each record done; the slices notice a record that hangs.
@@ -208,34 +234,38 @@ fn wait_for_pump(target: u64) {
     }
 }
 
-/// The log thread: emits records as they come, until interpreter exit.
+/// The log thread: emits records as they come, one at a time, until
+/// interpreter exit. Taking them one by one under the lock means that once
+/// `stop_pump` has said Gone, this thread starts no other record: it never
+/// calls into an interpreter that is finalizing.
 fn pump() {
-    let mut queue = BRIDGE.lock();
     loop {
-        while queue.records.is_empty() && queue.dropped == 0 && queue.pump == Pump::Running {
-            queue = BRIDGE.records_queued.wait(queue).unwrap_or_else(|e| e.into_inner());
-        }
-        if queue.pump != Pump::Running {
-            BRIDGE.records_done.notify_all();
-            return;
-        }
-        let (records, dropped) = LogBridge::take(&mut queue);
-        drop(queue);
-        Python::attach(|py| {
-            if dropped > 0 {
-                emit_one(py, dropped_notice(dropped));
+        let (record, dropped) = {
+            let mut queue = BRIDGE.lock();
+            while queue.records.is_empty() && queue.dropped == 0 && queue.pump == Pump::Running {
+                queue = BRIDGE.records_queued.wait(queue).unwrap_or_else(|e| e.into_inner());
             }
-            for record in records {
-                BRIDGE.lock().emitting_since = Some(Instant::now());
-                emit_one(py, record);
-                let mut queue = BRIDGE.lock();
-                queue.emitting_since = None;
-                BRIDGE.done(&mut queue, 1);
+            if queue.pump != Pump::Running {
                 drop(queue);
                 BRIDGE.records_done.notify_all();
+                return;
             }
+            let dropped = std::mem::take(&mut queue.dropped);
+            let record = if dropped > 0 { None } else { queue.records.pop_front() };
+            queue.emitting_since = Some(Instant::now());
+            (record, dropped)
+        };
+        Python::attach(|py| match record {
+            Some(record) => emit_one(py, record),
+            None => emit_one(py, dropped_notice(dropped)),
         });
-        queue = BRIDGE.lock();
+        let mut queue = BRIDGE.lock();
+        queue.emitting_since = None;
+        if dropped == 0 {
+            BRIDGE.done(&mut queue, 1);
+        }
+        drop(queue);
+        BRIDGE.records_done.notify_all();
     }
 }
 
