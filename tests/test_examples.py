@@ -96,7 +96,7 @@ def test_the_cluster_example_chats_and_whispers_across_workers(tmp_path: Path) -
     env = dict(os.environ, PYTHONPATH=str(EXAMPLES / "cluster"), SERVERCORE_BUS_URL=redis.url)
     serve = subprocess.Popen(
         [sys.executable, "-m", "servercore", "serve", "game:Player", "--host", "127.0.0.1", "--port", "0",
-         "--workers", "2", "--setup", "game:setup", "--ready-file", str(ready)],
+         "--workers", "2", "--setup", "game:setup", "--ready-file", str(ready), "--metrics-port", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     by_node: dict[str, list[RawPeer]] = {}
@@ -106,7 +106,8 @@ def test_the_cluster_example_chats_and_whispers_across_workers(tmp_path: Path) -
         while not ready.exists():
             assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read() if serve.stderr else ""
             time.sleep(0.05)
-        port = json.loads(ready.read_text())["port"]
+        state = json.loads(ready.read_text())
+        port = state["port"]
         # Players log in until each worker has two (the kernel picks the worker).
         while len(by_node) < 2 or min(len(peers) for peers in by_node.values()) < 2:
             assert len(names) < 60, {node: len(peers) for node, peers in by_node.items()}
@@ -122,6 +123,15 @@ def test_the_cluster_example_chats_and_whispers_across_workers(tmp_path: Path) -
         assert on_b[-1].recv_packet_with_id(3) == b"psst"
         on_a[0].send(packet(3, b"nobody\0hello?"))
         assert on_a[0].recv_packet_with_id(4) == b"nobody"
+        # Each worker's bus is in the supervisor's metrics, connected.
+        from test_metrics import scrape
+
+        metrics = scrape(f"http://127.0.0.1:{state['metrics_port']}/metrics")
+        connected = {dict(labels)["worker"]: value for (name, labels), value in metrics.items()
+                     if name == "servercore_bus_connected"}
+        assert connected == {"0": 1.0, "1": 1.0}, connected
+        published = sum(value for (name, _), value in metrics.items() if name == "servercore_bus_published_total")
+        assert published == 2  # the chat and the whisper
     finally:
         for peer in names:
             peer.close()
