@@ -258,7 +258,11 @@ impl Default for ServiceConfig {
                 std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             ],
             trusted_proxies: Vec::new(),
-            backlog: 1024,
+            // A burst of reconnecting players (after a restart, a network
+            // blip) must not overflow the listen queue: an overflowed SYN
+            // waits the kernel's one-second retransmit. Capped by somaxconn
+            // (4096 by default since Linux 5.4).
+            backlog: 4096,
             reuse_port: false,
             connect_timeout: Duration::from_secs(10),
             inline_io: true,
