@@ -245,7 +245,7 @@ def serve(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port, metrics_host=args.metrics_host, max_restarts=args.max_restarts,
             restart_window=args.restart_window, ready_file=args.ready_file,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         print(f"servercore serve: {error}", file=sys.stderr)
         return 1
 

@@ -134,9 +134,11 @@ class Supervisor:
 
     def run(self) -> int:
         reservation = self.reserve_port()
-        metrics = self.start_metrics() if self.metrics_port is not None else None
-        previous = {signum: signal.signal(signum, self.on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        metrics = None
+        previous: dict[int, Any] = {}
         try:
+            metrics = self.start_metrics() if self.metrics_port is not None else None
+            previous = {signum: signal.signal(signum, self.on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
             for worker in self.workers:
                 self.start(worker)
             return self.supervise()
@@ -352,6 +354,7 @@ class Supervisor:
     # Metrics --------------------------------------------------------------
 
     def start_metrics(self) -> Any:
+        import servercore.metrics  # noqa: F401 - its ImportError says what to install
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry()
