@@ -14,6 +14,9 @@
 - A Server or Client dropped without stop() warns (ResourceWarning), returns
   at once (the linger runs in the background, without the GIL), closes its
   connections and leaks neither descriptors nor memory.
+- The interpreter exits promptly and cleanly with a server running and log
+  records queued behind a slow handler: the log thread stops at exit and
+  never calls into a finalizing interpreter.
 """
 
 from __future__ import annotations
@@ -509,3 +512,21 @@ def test_a_running_server_its_sessions_refer_to_is_collected_all_the_same(raw_pe
         del server
         gc.collect()
     assert all(peer.wait_closed(3) for peer in peers), "the peers of the collected server stayed open"
+
+
+def test_the_interpreter_exits_cleanly_with_log_records_queued():
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name("exit_with_records_queued.py")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", str(script)],
+                          capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "exiting"
+    assert "Fatal Python error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    # What the slow handler took before exit: the first of the flood's lines.
+    assert done.stderr.count("LOG session") >= 1, done.stderr
+    assert took < 10, f"exit took {took:.1f} s"
