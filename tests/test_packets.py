@@ -314,3 +314,24 @@ def test_async_handlers_route_on_a_loop_in_order(run: Run) -> None:
 
     run(main)
     assert log == [(step, seq) for seq in range(10) for step in ("start", "end")]
+
+
+def test_a_packet_extending_another_encodes_all_its_fields():
+    """A packet class may extend another; its codec covers every field, the
+    parent's first (the parent's own one-pack encoder is not inherited)."""
+
+    class Base(Packet, id=40):
+        seq: u32
+
+    class Named(Base, id=41):
+        name: str
+
+    class Moved(Base, id=42):
+        x: f32
+
+    assert Base(seq=7).encode() == struct.pack("<I", 7)
+    named = Named(seq=7, name="ab")
+    assert named.encode() == struct.pack("<IH", 7, 2) + b"ab"
+    assert named.__servercore_packet__() == (41, named.encode())
+    assert Moved(seq=7, x=1.5).encode() == struct.pack("<If", 7, 1.5)
+    assert Named.decode(named.encode()) == named
