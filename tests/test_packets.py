@@ -335,3 +335,16 @@ def test_a_packet_extending_another_encodes_all_its_fields():
     assert named.__servercore_packet__() == (41, named.encode())
     assert Moved(seq=7, x=1.5).encode() == struct.pack("<If", 7, 1.5)
     assert Named.decode(named.encode()) == named
+
+
+def test_fields_may_be_called_like_the_constructors_own_names():
+    class Odd(Packet, id=43):
+        self: u32
+        cls: u32
+        extra: str
+
+    odd = Odd(self=1, cls=2, extra="x")
+    assert (odd.self, odd.cls, odd.extra) == (1, 2, "x")
+    assert Odd.decode(odd.encode()) == odd
+    with pytest.raises(TypeError, match=r"Odd\(\): missing extra"):
+        Odd(self=1, cls=2)

@@ -398,12 +398,14 @@ def _compile_init(cls: type, names: list[str]) -> Callable[..., None]:
     a keyword call and one assignment each (the generic `**values` loop cost
     5x as much, and a packet is made for every send). A missing or unknown
     field is a TypeError naming it."""
-    params = "".join(f"{name}=_M, " for name in names)
-    lines = [f"def __init__(self, {'*, ' if names else ''}{params}**extra):"]
-    lines.append(f"    if extra{''.join(f' or {name} is _M' for name in names)}:")
-    lines.append(f"        _wrong(cls, {{{', '.join(f'{name!r}: {name}' for name in names)}}}, extra)")
-    lines += [f"    self.{name} = {name}" for name in names]
-    scope: dict[str, Any] = {"_M": _MISSING, "_wrong": _wrong_fields, "cls": cls}
+    # The generated names start with _sc_, so no field name can shadow them
+    # (a field may be called `self`, `cls` or `extra`).
+    params = "".join(f"{name}=_sc_missing, " for name in names)
+    lines = [f"def __init__(_sc_self, {'*, ' if names else ''}{params}**_sc_extra):"]
+    lines.append(f"    if _sc_extra{''.join(f' or {name} is _sc_missing' for name in names)}:")
+    lines.append(f"        _sc_wrong(_sc_cls, {{{', '.join(f'{name!r}: {name}' for name in names)}}}, _sc_extra)")
+    lines += [f"    _sc_self.{name} = {name}" for name in names]
+    scope: dict[str, Any] = {"_sc_missing": _MISSING, "_sc_wrong": _wrong_fields, "_sc_cls": cls}
     exec(compile("\n".join(lines) + "\n", f"<{cls.__name__} __init__>", "exec"), scope)  # noqa: S102
     return scope["__init__"]  # type: ignore[no-any-return]
 
