@@ -264,15 +264,22 @@ impl Bus {
         let unavailable = || BusError::Unavailable("Redis is unreachable".to_owned());
         let mut connection = self.shared.connection().clone().ok_or_else(unavailable)?;
         let key = self.directory_key(name);
-        // The runtime may shut down (the server stopping) between the check
-        // above and the wait: tokio then panics, which is an answer too.
-        let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.runtime.block_on(async { tokio::time::timeout(timeout, connection.get(key)).await })
-        }))
-        .map_err(|_| BusError::Unavailable("the server has stopped".to_owned()))?;
-        let value: Option<String> = asked
-            .map_err(|_| BusError::Unavailable(format!("Redis did not answer within {timeout:?}")))?
-            .map_err(|error| BusError::Unavailable(error.to_string()))?;
+        // Asked by a task, answered over a channel: a runtime that shuts down
+        // meanwhile (the server stopping) drops the task, and the channel
+        // says so, where waiting on the runtime itself would panic.
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = answer.send(connection.get::<_, Option<String>>(key).await);
+        });
+        let value = match answered.recv_timeout(timeout) {
+            Ok(value) => value.map_err(|error| BusError::Unavailable(error.to_string()))?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(BusError::Unavailable(format!("Redis did not answer within {timeout:?}")));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(BusError::Unavailable("the server has stopped".to_owned()));
+            }
+        };
         Ok(value.and_then(|text| text.parse().ok()))
     }
 
@@ -364,10 +371,23 @@ impl BusShared {
         *was_up = true;
     }
 
-    /// Redis refused a command (the connection is fine): said at most once per 5 s.
-    fn refused(&self, error: &redis::RedisError) {
+    /// Redis refused a command: said at most once per 5 s. A refusal that
+    /// means this is no longer the server to talk to (a replica after a
+    /// failover, a master going down) ends the connection, so the bus
+    /// reconnects, to the new primary behind the same address.
+    fn refused(&self, error: &redis::RedisError) -> redis::RedisResult<()> {
+        use redis::{ErrorKind, ServerErrorKind};
+        if matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading
+            )
+        ) {
+            return Err(error.clone());
+        }
         let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
         log.warn(|suppressed| format!("bus: Redis refused a command: {error}{suppressed}"));
+        Ok(())
     }
 
     /// One message from Redis, fanned out here.
@@ -616,21 +636,24 @@ async fn send_batch(
             return Err(error);
         }
     };
+    let mut ended = Ok(());
     for (result, publish) in results.into_iter().zip(is_publish) {
-        match (result, publish) {
-            (Ok(_), true) => shared.stats.published.fetch_add(1, Ordering::Relaxed),
-            (Err(error), true) => {
-                shared.refused(&error);
-                shared.stats.publish_failed.fetch_add(1, Ordering::Relaxed)
+        match result {
+            Ok(_) if publish => {
+                shared.stats.published.fetch_add(1, Ordering::Relaxed);
             }
-            (Err(error), false) => {
-                shared.refused(&error);
-                0
+            Ok(_) => {}
+            Err(error) => {
+                if publish {
+                    shared.stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                if ended.is_ok() {
+                    ended = shared.refused(&error);
+                }
             }
-            (Ok(_), false) => 0,
-        };
+        }
     }
-    Ok(())
+    ended
 }
 
 /// Deletes a directory entry only if it still names this session: the
@@ -663,7 +686,7 @@ async fn refresh_directory(
     }
     let results = pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(connection).await?;
     if let Some(Err(error)) = results.into_iter().find(Result::is_err) {
-        shared.refused(&error);
+        shared.refused(&error)?;
     }
     let mut names = shared.names();
     for (name, id) in ended {

@@ -57,3 +57,17 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
             sock.sendall(b"".join(parts))
             return sock.recv(65536)
+
+    def subscribers(self, channel: str) -> int:
+        """How many connections are subscribed to `channel` (PUBSUB NUMSUB)."""
+        # *2 $len channel :N
+        reply = self.command("PUBSUB", "NUMSUB", channel)
+        return int(reply.rstrip(b"\r\n").rsplit(b":", 1)[1])
+
+    def wait_subscribers(self, channel: str, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (now := self.subscribers(channel)) != count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{now} subscribers to {channel}, expected {count}")
+            time.sleep(0.01)
+

@@ -57,6 +57,7 @@ def cluster(start_server, raw_peers, redis):
                 assert exchange(server, peer, packet(7, b"hi")) == (7, b"hi")
             nodes.append((server, bus, peers))
         wait_connected([bus for _, bus, _ in nodes])
+        redis.wait_subscribers("servercore:all", count)
         return nodes
 
     yield make
@@ -69,9 +70,16 @@ def wait_connected(buses, timeout: float = 10.0) -> None:
     while not all(bus.connected for bus in buses):
         assert time.monotonic() < deadline, [bus.stats() for bus in buses]
         time.sleep(0.02)
-    # SUBSCRIBE has been answered, but give Redis a moment to have every
-    # subscription of every bus in place before the first publish.
-    time.sleep(0.05)
+
+
+def wait_published(bus: Bus, count: int, timeout: float = 5.0) -> None:
+    """A publish is counted when Redis has answered the publisher, which may
+    come after the subscribers have the message."""
+    deadline = time.monotonic() + timeout
+    while bus.stats()["published"] < count:
+        assert time.monotonic() < deadline, bus.stats()
+        time.sleep(0.01)
+    assert bus.stats()["published"] == count
 
 
 def test_a_cluster_broadcast_reaches_every_player_of_every_server_once(cluster):
@@ -81,14 +89,14 @@ def test_a_cluster_broadcast_reaches_every_player_of_every_server_once(cluster):
         assert peer.recv_packet_with_id(NOTICE) == b"server restarts in 5 minutes"
     stats = bus_b.stats()
     assert stats["received"] == 1 and stats["delivered"] == 3 and stats["malformed"] == 0
-    assert bus_a.stats()["published"] == 1
+    wait_published(bus_a, 1)
     # Exactly once: an echo comes next, not a second notice.
     for server, peers in ((server_a, peers_a), (server_b, peers_b)):
         for peer in peers:
             assert exchange(server, peer, packet(7, b"next")) == (7, b"next")
 
 
-def test_a_room_spans_servers_and_one_publish_reaches_its_members_only(cluster):
+def test_a_room_spans_servers_and_one_publish_reaches_its_members_only(cluster, redis):
     (server_a, bus_a, peers_a), (server_b, bus_b, peers_b) = cluster()
     guild_a, guild_b = bus_a.room("guild"), bus_b.room("guild")
     assert bus_a.room("guild") is guild_a
@@ -96,7 +104,7 @@ def test_a_room_spans_servers_and_one_publish_reaches_its_members_only(cluster):
     guild_a.add(sessions_a[0])
     guild_b.add(sessions_b[1])
     guild_b.add(sessions_b[2])
-    time.sleep(0.1)  # the new room's SUBSCRIBE
+    redis.wait_subscribers("servercore:room:guild", 2)
     assert bus_b.publish("guild", NOTICE, b"raid at 8") is True
     members = [peers_a[0], peers_b[1], peers_b[2]]
     for peer in members:
@@ -105,14 +113,14 @@ def test_a_room_spans_servers_and_one_publish_reaches_its_members_only(cluster):
         assert exchange(server, peer, packet(7, b"x")) == (7, b"x"), "a non-member got the guild's packet"
 
 
-def test_a_closed_room_no_longer_receives(cluster):
+def test_a_closed_room_no_longer_receives(cluster, redis):
     (server_a, bus_a, peers_a), (server_b, bus_b, peers_b) = cluster()
     bus_a.room("match-7").add(list(server_a.sessions)[0])
     bus_b.room("match-7").add(list(server_b.sessions)[0])
-    time.sleep(0.1)
+    redis.wait_subscribers("servercore:room:match-7", 2)
     assert bus_b.close_room("match-7") is True
     assert bus_b.close_room("match-7") is False
-    time.sleep(0.1)  # the UNSUBSCRIBE
+    redis.wait_subscribers("servercore:room:match-7", 1)  # B unsubscribed
     assert bus_a.publish("match-7", NOTICE, b"gg") is True
     assert peers_a[0].recv_packet_with_id(NOTICE) == b"gg"
     assert exchange(server_b, peers_b[0], packet(7, b"x")) == (7, b"x"), "a closed room still received"
@@ -167,7 +175,7 @@ def test_when_redis_goes_away_local_play_goes_on_and_the_bus_comes_back(cluster,
     (server_a, bus_a, peers_a), (server_b, bus_b, peers_b) = cluster()
     bus_a.room("guild").add(list(server_a.sessions)[0])
     bus_b.room("guild").add(list(server_b.sessions)[0])
-    time.sleep(0.1)
+    redis.wait_subscribers("servercore:room:guild", 2)
     redis.stop()
     deadline = time.monotonic() + 10
     while bus_a.connected or bus_b.connected:
@@ -185,6 +193,7 @@ def test_when_redis_goes_away_local_play_goes_on_and_the_bus_comes_back(cluster,
         assert peer.recv_packet_with_id(NOTICE) == b"local notice"
     redis.start()
     wait_connected([bus_a, bus_b], timeout=15)
+    redis.wait_subscribers("servercore:room:guild", 2)  # subscribed again
     assert bus_a.stats()["reconnects"] >= 1
     assert bus_a.publish("guild", NOTICE, b"back") is True
     assert peers_a[0].recv_packet_with_id(NOTICE) == b"back"
@@ -256,6 +265,7 @@ def test_every_open_bus_is_in_the_metrics(cluster):
     bus_b.broadcast(NOTICE, b"to all")
     for peer in peers_a:
         assert peer.recv_packet_with_id(NOTICE) == b"to all"
+    wait_published(bus_b, 1)
     with serve_metrics(server_a) as endpoint:
         metrics = scrape(endpoint.url)
     labels = (("node", "worker-0"),)

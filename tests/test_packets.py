@@ -348,3 +348,30 @@ def test_fields_may_be_called_like_the_constructors_own_names():
     assert Odd.decode(odd.encode()) == odd
     with pytest.raises(TypeError, match=r"Odd\(\): missing extra"):
         Odd(self=1, cls=2)
+
+
+def test_a_packet_class_may_write_its_own_constructor_and_encoder():
+    """What the application writes in the class body (or a mixin) is kept;
+    the generated code fills only what it left out."""
+
+    class Move(Packet, id=44):
+        x: f32
+        seq: u32
+
+        def __init__(self, x: float = 0.0, seq: int = 0) -> None:
+            super().__init__(x=x, seq=seq)
+
+    class Tagged(Packet, id=45):
+        seq: u32
+
+        def encode(self) -> bytes:
+            return b"T" + struct.pack("<I", self.seq)
+
+    assert Move().encode() == struct.pack("<fI", 0.0, 0)
+    assert Move(1.5, 7).encode() == struct.pack("<fI", 1.5, 7)
+    assert Tagged(seq=3).encode() == b"T" + struct.pack("<I", 3)
+    with pytest.raises(TypeError, match=r"Move\(\): missing x, seq; no field z"):
+        Packet.__init__(Move(), z=1)
+    with pytest.raises(TypeError, match="names starting with _sc_ are servercore's own"):
+        class Bad(Packet, id=46):  # noqa: F841
+            _sc_self: u32

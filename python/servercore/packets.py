@@ -149,6 +149,8 @@ class Field:
 
 def _field(owner: type, name: str, annotation: Any) -> Field:
     where = f"{owner.__name__}.{name}"
+    if name.startswith("_sc_"):
+        raise TypeError(f"{where}: names starting with _sc_ are servercore's own (the generated code's)")
     limit, fixed, scalar = U16_MAX, None, None
     if typing.get_origin(annotation) is Annotated:
         base, *extras = typing.get_args(annotation)
@@ -373,8 +375,13 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
     cls._encode_into = enc_scope["_encode_into"]  # type: ignore[method-assign]
     cls._decode_from = staticmethod(dec_scope["_decode_from"])  # type: ignore[method-assign]
     cls._decode_whole = staticmethod(dec_scope["decode"])
-    cls.__init__ = _compile_init(cls, [f.name for f in fields])  # type: ignore[method-assign]
-    if fixed_only and all(f.kind == "scalar" for f in fields) and fields and "packet_id" in cls.__dict__:
+    if cls.__module__ == __name__:
+        return  # Packet itself: its methods stay the generic ones
+    if not _user_defined(cls, "__init__"):
+        cls.__init__ = _compile_init(cls, [f.name for f in fields])  # type: ignore[method-assign]
+    if "packet_id" not in cls.__dict__ or _user_defined(cls, "encode") or _user_defined(cls, "__servercore_packet__"):
+        return
+    if fixed_only and all(f.kind == "scalar" for f in fields) and fields:
         # One pack straight to bytes: no bytearray, no copy (encode, and the
         # packet a send or a broadcast takes).
         lines = [line.replace("out += ", "return ", 1) for line in enc.lines]
@@ -382,12 +389,34 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
         exec(compile(source, f"<{label} encode>", "exec"), enc_scope)  # noqa: S102
         encode = enc_scope["encode"]
         packet_id = cls.__dict__["packet_id"]
+
+        def packet(self: Any) -> tuple[int, bytes]:
+            return packet_id, encode(self)
+
+        encode.__servercore_generated__ = packet.__servercore_generated__ = True  # type: ignore[attr-defined]
         cls.encode = encode  # type: ignore[attr-defined]
-        cls.__servercore_packet__ = lambda self: (packet_id, encode(self))  # type: ignore[attr-defined]
-    elif "packet_id" in cls.__dict__:
+        cls.__servercore_packet__ = packet  # type: ignore[attr-defined]
+    else:
         # Not a parent's one-pack encoder, which knows only the parent's fields.
         cls.encode = Packet.encode  # type: ignore[attr-defined]
         cls.__servercore_packet__ = Packet.__servercore_packet__  # type: ignore[attr-defined]
+
+
+def _user_defined(cls: type, name: str) -> bool:
+    """Whether `name` resolves, for `cls`, to something the application wrote
+    (in the class body, a parent or a mixin), which generated code must not
+    replace."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            found = klass.__dict__[name]
+            generated = getattr(found, "__servercore_generated__", False)
+            return not generated and klass not in _BASES
+    return False
+
+
+# Struct and Packet's own methods are the generic ones, not the application's
+# (filled in once they exist; Packet is made while this module loads).
+_BASES: set[type] = {object}
 
 
 _MISSING: Any = object()
@@ -407,7 +436,9 @@ def _compile_init(cls: type, names: list[str]) -> Callable[..., None]:
     lines += [f"    _sc_self.{name} = {name}" for name in names]
     scope: dict[str, Any] = {"_sc_missing": _MISSING, "_sc_wrong": _wrong_fields, "_sc_cls": cls}
     exec(compile("\n".join(lines) + "\n", f"<{cls.__name__} __init__>", "exec"), scope)  # noqa: S102
-    return scope["__init__"]  # type: ignore[no-any-return]
+    init = scope["__init__"]
+    init.__servercore_generated__ = True
+    return init  # type: ignore[no-any-return]
 
 
 def _wrong_fields(cls: type, given: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -458,8 +489,16 @@ class Struct:
         cls.__layout__ = layout
         _compile(cls, list(layout))
 
-    def __init__(self, **values: Any) -> None:  # generated per class: _compile_init
-        raise NotImplementedError
+    def __init__(self, **values: Any) -> None:
+        # Each class gets a faster one of its own (_compile_init) unless it
+        # defines __init__ itself; this one serves `super().__init__(...)`
+        # from such a class.
+        missing = [name for name in self.__fields__ if name not in values]
+        extra = [name for name in values if name not in self.__fields__]
+        if missing or extra:
+            _wrong_fields(type(self), {name: _MISSING for name in missing}, dict.fromkeys(extra))
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def _encode_into(self, out: bytearray) -> None:  # generated per class
         raise NotImplementedError
@@ -481,6 +520,9 @@ class Struct:
 
 
 P = TypeVar("P", bound="Packet")
+
+
+_BASES.add(Struct)
 
 
 class Packet(Struct):
@@ -512,6 +554,9 @@ class Packet(Struct):
     def decode(cls: type[P], payload: bytes) -> P:
         """The packet in `payload`; MalformedPacket if it does not match the layout."""
         return cls._decode_whole(payload)  # type: ignore[no-any-return]
+
+
+_BASES.add(Packet)
 
 
 # --- routing ------------------------------------------------------------------------

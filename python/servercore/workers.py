@@ -331,6 +331,7 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     worker.process.kill()
                     worker.process.wait()
+                    self.failed_stops += 1
                 worker.exits.append(worker.process.returncode)
                 self.close_pipes(worker)
                 worker.process = None
@@ -338,6 +339,8 @@ class Supervisor:
     def kill_all(self) -> None:
         for worker in self.workers:
             if worker.process is not None:
+                # A worker that had to be killed did not stop cleanly.
+                self.failed_stops += 1
                 worker.process.kill()
                 worker.process.wait()
                 worker.exits.append(worker.process.returncode)
@@ -446,6 +449,10 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     try:
         session_class = _load(args.target)
         setup = _load(args.setup) if args.setup else None
+    except Exception as error:  # the game's modules: restarting cannot help
+        log.error("worker %d cannot start: %s: %s", args.worker, type(error).__name__, error)
+        return EX_CONFIG
+    try:
         server = Server(session_class, args.host, args.port, reuse_port=True, **json.loads(args.options))
         server.start()
     except OSError as error:

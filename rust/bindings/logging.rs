@@ -189,9 +189,15 @@ pub fn flush(py: Python<'_>) -> PyResult<()> {
     let mut queue = BRIDGE.lock();
     let pid = std::process::id();
     if queue.pump == Pump::Running && PUMP_PID.load(Ordering::Relaxed) != pid {
-        // Forked: the log thread stayed with the parent.
+        // Forked: the log thread stayed with the parent, and so do the
+        // records queued before the fork (the parent emits them).
         queue.pump = Pump::NotStarted;
         queue.emitting_since = None;
+        queue.records.clear();
+        queue.dropped = 0;
+        queue.done_total = queue.queued_total;
+        BRIDGE.pending.store(false, Ordering::Release);
+        return Ok(());
     }
     if queue.pump == Pump::NotStarted {
         queue.pump = match std::thread::Builder::new().name("servercore-log".into()).spawn(pump) {
