@@ -134,7 +134,7 @@ def test_workers_share_one_port_and_the_kernel_spreads_connections(cluster):
     for peer in peers:
         peer.close()
     assert "serving worker_app:Echo on 127.0.0.1:" in c.output()
-    assert "worker=0 pid=" in c.output() or "worker 0 started" in c.output()
+    assert "worker 0 started" in c.output() and "worker 1 ready" in c.output()
 
 
 def test_a_killed_worker_is_replaced_and_the_others_keep_serving(cluster):
@@ -184,6 +184,9 @@ def test_sigterm_drains_every_worker_and_frees_the_port(cluster):
         assert peer.recv_packet_with_id(9) == b"bye"
         assert peer.wait_closed(5)
     assert c.wait_exit() == 0, c.output()
+    # Each worker's own lines say which worker wrote them.
+    for index, pid in enumerate(state["workers"]):
+        assert f"worker={index} pid={pid} WARNING servercore: SIGTERM: draining" in c.output(), c.output()
     for pid in state["workers"]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

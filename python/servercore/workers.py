@@ -49,7 +49,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("servercore.supervisor")
@@ -100,8 +100,7 @@ class Worker:
     ready: bool = False
     metrics_port: int | None = None
     restart_at: float | None = None
-    started_at: float = 0.0
-    exits: list[int] = field(default_factory=list)
+    starts: int = 0
 
 
 class Supervisor:
@@ -217,7 +216,6 @@ class Supervisor:
         if process is None or process.poll() is None:
             return None
         code = process.returncode
-        worker.exits.append(code)
         self.close_pipes(worker)
         worker.process = None
         worker.ready = False
@@ -272,9 +270,9 @@ class Supervisor:
         os.set_blocking(ready_read, False)
         worker.ready_pipe, worker.lifeline = ready_read, lifeline_write
         worker.restart_at = None
-        worker.started_at = time.monotonic()
-        if worker.exits:
+        if worker.starts:
             self.restarts += 1
+        worker.starts += 1
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
     def read_readiness(self, selector: selectors.BaseSelector) -> None:
@@ -332,7 +330,6 @@ class Supervisor:
                     worker.process.kill()
                     worker.process.wait()
                     self.failed_stops += 1
-                worker.exits.append(worker.process.returncode)
                 self.close_pipes(worker)
                 worker.process = None
 
@@ -343,7 +340,6 @@ class Supervisor:
                 self.failed_stops += 1
                 worker.process.kill()
                 worker.process.wait()
-                worker.exits.append(worker.process.returncode)
                 self.close_pipes(worker)
                 worker.process = None
 

@@ -120,12 +120,6 @@ impl LogBridge {
         self.records_queued.notify_one();
     }
 
-    /// Takes what is queued, with the count of what was dropped (for whoever
-    /// emits them when there is no log thread).
-    fn take(queue: &mut Queue) -> (Vec<QueuedRecord>, u64) {
-        (queue.records.drain(..).collect(), std::mem::take(&mut queue.dropped))
-    }
-
     /// Counts records as emitted; the last one clears `pending`.
     fn done(&self, queue: &mut Queue, records: u64) {
         queue.done_total += records;
@@ -207,9 +201,8 @@ pub fn flush(py: Python<'_>) -> PyResult<()> {
         PUMP_PID.store(pid, Ordering::Relaxed);
     }
     if queue.pump == Pump::Gone {
-        let (records, dropped) = LogBridge::take(&mut queue);
-        drop(queue);
-        return emit(py, records, dropped);
+        emit_here(py, queue);
+        return Ok(());
     }
     let target = queue.queued_total;
     drop(queue);
@@ -294,7 +287,12 @@ fn stop_pump() {
     BRIDGE.records_queued.notify_all();
 }
 
-fn emit(py: Python<'_>, records: Vec<QueuedRecord>, dropped: u64) -> PyResult<()> {
+/// With no log thread (interpreter exit, or none could be started): the
+/// caller emits what is queued itself, after letting the lock go.
+fn emit_here(py: Python<'_>, mut queue: MutexGuard<'_, Queue>) {
+    let records: Vec<QueuedRecord> = queue.records.drain(..).collect();
+    let dropped = std::mem::take(&mut queue.dropped);
+    drop(queue);
     if dropped > 0 {
         emit_one(py, dropped_notice(dropped));
     }
@@ -303,7 +301,6 @@ fn emit(py: Python<'_>, records: Vec<QueuedRecord>, dropped: u64) -> PyResult<()
         emit_one(py, record);
     }
     BRIDGE.done(&mut BRIDGE.lock(), count);
-    Ok(())
 }
 
 fn dropped_notice(dropped: u64) -> QueuedRecord {
