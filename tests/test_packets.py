@@ -139,7 +139,7 @@ def test_bad_values_are_refused_at_the_call_naming_the_field() -> None:
     with pytest.raises(TypeError, match=r"Move\.seq: expected int, got str"):
         Move(to=Vec2(x=0.0, y=0.0), seq="7").encode()  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Everything\.color: 2 elements, expected 3"):
-        Everything(**{**vars(EVERYTHING), "color": [1, 2]}).encode()
+        Everything(**{**{name: getattr(EVERYTHING, name) for name in Everything.__fields__}, "color": [1, 2]}).encode()
     with pytest.raises(TypeError, match=r"Chat\(\): missing text"):
         Chat()
     with pytest.raises(TypeError, match=r"Chat\(\): no field txt"):

@@ -61,7 +61,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from servercore._core import PacketSession
+from servercore._core import MalformedPacket, PacketLayout, PacketSession, RouteTable
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -129,10 +129,6 @@ U16_MAX = 2**16 - 1
 COUNT = struct.Struct("<H")
 
 
-class MalformedPacket(ValueError):
-    """A payload does not match its packet's layout."""
-
-
 # --- layouts ------------------------------------------------------------------------
 
 
@@ -196,7 +192,7 @@ class _Source:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.names: dict[str, Any] = {"MalformedPacket": MalformedPacket, "COUNT": COUNT, "struct": struct}
+        self.names: dict[str, Any] = {"COUNT": COUNT, "struct": struct, "check_scalar": _check_scalar}
         self.counter = 0
 
     def name(self, value: Any, prefix: str = "_k") -> str:
@@ -209,15 +205,26 @@ class _Source:
         self.lines.append("    " * depth + line)
 
 
+def _layout_spec(f: Field) -> tuple[str, str, str, int, int, PacketLayout | None]:
+    """A field as the engine's decoder takes it."""
+    code = f.scalar.code if f.scalar else ""
+    if f.kind == "list":
+        element = f.element
+        assert element is not None
+        nested = element.struct_type._packet_layout if element.struct_type else None
+        return (f.name, f"list:{element.kind}", code, 0, f.limit, nested)
+    nested = f.struct_type._packet_layout if f.struct_type else None
+    return (f.name, f.kind, code, f.count, f.limit, nested)
+
+
 def _compile(cls: type[Struct], fields: list[Field]) -> None:
-    """Generates `cls._encode_into(self, out)` and `cls._decode_from(data, at)`."""
+    """Generates `cls._encode_into(self, out)` (Python: one `pack` per run of
+    fixed-width fields), and compiles the decoder (`PacketLayout`, in the
+    engine, which decodes a routed packet where it lies)."""
     label = cls.__name__
-    enc, dec = _Source(), _Source()
-    enc.names["check_scalar"] = _check_scalar
-    dec.names["new"] = object.__new__
-    dec.names["cls"] = cls
-    dec.add("obj = new(cls)")
-    end = "len(data)"
+    cls._packet_layout = PacketLayout(cls, [_layout_spec(f) for f in fields])
+    cls._decode_whole = staticmethod(cls._packet_layout.decode)
+    enc = _Source()
     run: list[Field] = []
 
     def flush_run() -> None:
@@ -225,7 +232,6 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
             return
         layout = struct.Struct("<" + "".join(f"{f.count or ''}{f.scalar.code}" for f in run if f.scalar))
         packer = enc.name(layout, "_s")
-        unpacker = dec.name(layout, "_s")
         values = []
         for f in run:
             if f.kind == "fixed":
@@ -240,25 +246,7 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
         fields_checked = ", ".join(f"('{f.name}', self.{f.name}, {enc.name(f.scalar)})" for f in run
                                    if f.kind == "scalar")
         enc.add(f"check_scalar('{label}', [{fields_checked}]); raise ValueError('{label}: ' + str(error))", 2)
-        dec.add(f"if at + {layout.size} > {end}: raise MalformedPacket("
-                f"'{label}.{run[0].name}: ' + str({end} - at) + ' bytes left, the fixed fields need {layout.size}')")
-        dec.add(f"values = {unpacker}.unpack_from(data, at)")
-        dec.add(f"at += {layout.size}")
-        index = 0
-        for f in run:
-            if f.kind == "fixed":
-                dec.add(f"obj.{f.name} = list(values[{index}:{index + f.count}])")
-                index += f.count
-            else:
-                dec.add(f"obj.{f.name} = values[{index}]")
-                index += 1
         run.clear()
-
-    def count_prefix(f: Field, what: str) -> None:
-        dec.add(f"if at + 2 > {end}: raise MalformedPacket('{label}.{f.name}: no room for its count')")
-        dec.add("(n,) = COUNT.unpack_from(data, at)")
-        dec.add("at += 2")
-        dec.add(f"if n > {f.limit}: raise MalformedPacket('{label}.{f.name}: ' + str(n) + ' {what}, over its limit of {f.limit}')")
 
     for f in fields:
         if f.kind in ("scalar", "fixed"):
@@ -272,116 +260,39 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
                 enc.add(f"b = bytes(self.{f.name})")
             enc.add(f"if len(b) > {f.limit}: raise ValueError('{label}.{f.name}: ' + str(len(b)) + ' bytes, over its limit of {f.limit}')")
             enc.add("out += COUNT.pack(len(b)); out += b")
-            count_prefix(f, "bytes")
-            dec.add(f"if at + n > {end}: raise MalformedPacket('{label}.{f.name}: ' + str(n) + ' bytes announced, ' + str({end} - at) + ' left')")
-            if f.kind == "str":
-                dec.add("try:")
-                dec.add(f"obj.{f.name} = str(data[at:at + n], 'utf-8')", 2)
-                dec.add("except UnicodeDecodeError:")
-                dec.add(f"raise MalformedPacket('{label}.{f.name}: invalid UTF-8') from None", 2)
-            else:
-                dec.add(f"obj.{f.name} = bytes(data[at:at + n])")
-            dec.add("at += n")
         elif f.kind == "struct":
-            assert f.struct_type is not None
             enc.add(f"self.{f.name}._encode_into(out)")
-            dec.add("try:")
-            dec.add(f"obj.{f.name}, at = {dec.name(f.struct_type, '_t')}._decode_from(data, at)", 2)
-            dec.add("except MalformedPacket as error:")
-            dec.add(f"raise MalformedPacket('{label}.{f.name}: ' + str(error)) from None", 2)
         elif f.kind == "list":
             element = f.element
             assert element is not None
             enc.add(f"items = self.{f.name}")
             enc.add(f"if len(items) > {f.limit}: raise ValueError('{label}.{f.name}: ' + str(len(items)) + ' elements, over its limit of {f.limit}')")
             enc.add("out += COUNT.pack(len(items))")
-            count_prefix(f, "elements")
             if element.kind == "scalar":
                 assert element.scalar is not None
-                code = element.scalar.code
-                size = struct.calcsize(code)
                 enc.add("try:")
-                enc.add(f"out += struct.pack('<' + str(len(items)) + '{code}', *items)", 2)
+                enc.add(f"out += struct.pack('<' + str(len(items)) + '{element.scalar.code}', *items)", 2)
                 enc.add("except struct.error as error:")
                 enc.add(f"raise ValueError('{label}.{f.name}: ' + str(error)) from None", 2)
-                dec.add(f"if at + n * {size} > {end}: raise MalformedPacket('{label}.{f.name}: ' + str(n) + ' elements announced, ' + str({end} - at) + ' bytes left')")
-                dec.add(f"obj.{f.name} = list(struct.unpack_from('<' + str(n) + '{code}', data, at))")
-                dec.add(f"at += n * {size}")
             elif element.kind == "struct":
-                assert element.struct_type is not None
-                t = dec.name(element.struct_type, "_t")
                 enc.add("for item in items: item._encode_into(out)")
-                dec.add("items = []")
-                dec.add("try:")
-                dec.add("for _ in range(n):", 2)
-                dec.add(f"item, at = {t}._decode_from(data, at)", 3)
-                dec.add("items.append(item)", 3)
-                dec.add("except MalformedPacket as error:")
-                dec.add(f"raise MalformedPacket('{label}.{f.name}[' + str(len(items)) + ']: ' + str(error)) from None", 2)
-                dec.add(f"obj.{f.name} = items")
             else:  # str or bytes elements
-                is_str = element.kind == "str"
                 enc.add("for item in items:")
-                enc.add("b = item.encode()" if is_str else "b = bytes(item)", 2)
+                enc.add("b = item.encode()" if element.kind == "str" else "b = bytes(item)", 2)
                 enc.add(f"if len(b) > {U16_MAX}: raise ValueError('{label}.{f.name}: an element of ' + str(len(b)) + ' bytes')", 2)
                 enc.add("out += COUNT.pack(len(b)); out += b", 2)
-                dec.add("items = []")
-                dec.add("for _ in range(n):")
-                dec.add(f"if at + 2 > {end}: raise MalformedPacket('{label}.{f.name}: an element has no room for its length')", 2)
-                dec.add("(m,) = COUNT.unpack_from(data, at)", 2)
-                dec.add("at += 2", 2)
-                dec.add(f"if at + m > {end}: raise MalformedPacket('{label}.{f.name}: an element of ' + str(m) + ' bytes, ' + str({end} - at) + ' left')", 2)
-                if is_str:
-                    dec.add("try:", 2)
-                    dec.add("items.append(str(data[at:at + m], 'utf-8'))", 3)
-                    dec.add("except UnicodeDecodeError:", 2)
-                    dec.add(f"raise MalformedPacket('{label}.{f.name}: invalid UTF-8') from None", 3)
-                else:
-                    dec.add("items.append(bytes(data[at:at + m]))", 2)
-                dec.add("at += m", 2)
-                dec.add(f"obj.{f.name} = items")
     flush_run()
-    dec.add("return obj, at")
     enc_source = "def _encode_into(self, out):\n" + "\n".join(enc.lines or ["    pass"]) + "\n"
-    dec_source = "def _decode_from(data, at):\n" + "\n".join(dec.lines) + "\n"
-    # A whole payload: all fixed-width fields are one exact-length unpack
-    # (the common case of a game's hot packets: moves, inputs); otherwise the
-    # general decoder, and no bytes may be left over.
-    fixed_only = all(f.kind in ("scalar", "fixed") for f in fields)
-    if fixed_only and all(f.kind == "scalar" for f in fields):
-        layout = struct.Struct("<" + "".join(f.scalar.code for f in fields if f.scalar))
-        whole = [
-            "def decode(data):",
-            f"    if len(data) != {layout.size}:",
-            f"        raise MalformedPacket('{label}: ' + str(len(data)) + ' bytes, its layout has {layout.size}')",
-            "    obj = new(cls)",
-            (f"    {', '.join('obj.' + f.name for f in fields)}{',' if len(fields) == 1 else ''} = whole.unpack(data)"
-             if fields else "    pass"),
-            "    return obj",
-        ]
-        dec.names["whole"] = layout
-    else:
-        whole = [
-            "def decode(data):",
-            "    obj, at = _decode_from(data, 0)",
-            "    if at != len(data):",
-            f"        raise MalformedPacket('{label}: ' + str(len(data) - at) + ' trailing bytes')",
-            "    return obj",
-        ]
-    dec_source += "\n".join(whole) + "\n"
-    enc_scope, dec_scope = dict(enc.names), dict(dec.names)
+    enc_scope = dict(enc.names)
     exec(compile(enc_source, f"<{label} encoder>", "exec"), enc_scope)  # noqa: S102 - our own generated code
-    exec(compile(dec_source, f"<{label} decoder>", "exec"), dec_scope)  # noqa: S102
     cls._encode_into = enc_scope["_encode_into"]  # type: ignore[method-assign]
-    cls._decode_from = staticmethod(dec_scope["_decode_from"])  # type: ignore[method-assign]
-    cls._decode_whole = staticmethod(dec_scope["decode"])
     if cls.__module__ == __name__:
         return  # Packet itself: its methods stay the generic ones
     if not _user_defined(cls, "__init__"):
         cls.__init__ = _compile_init(cls, [f.name for f in fields])  # type: ignore[method-assign]
     if "packet_id" not in cls.__dict__ or _user_defined(cls, "encode") or _user_defined(cls, "__servercore_packet__"):
         return
-    if fixed_only and all(f.kind == "scalar" for f in fields) and fields:
+    if fields and all(f.kind == "scalar" for f in fields):
         # One pack straight to bytes: no bytearray, no copy (encode, and the
         # packet a send or a broadcast takes).
         lines = [line.replace("out += ", "return ", 1) for line in enc.lines]
@@ -467,8 +378,31 @@ def _check_scalar(label: str, values: list[tuple[str, Any, Scalar]]) -> None:
 # --- the classes --------------------------------------------------------------------
 
 
+def _is_class_var(annotation: Any) -> bool:
+    if isinstance(annotation, str):  # `from __future__ import annotations`
+        return annotation.split("[", 1)[0].strip().rpartition(".")[2] == "ClassVar"
+    return annotation is ClassVar or typing.get_origin(annotation) is ClassVar
+
+
+class _Slotted(type):
+    """Makes each Struct and Packet class with `__slots__` for its own fields
+    (unless the class body sets `__slots__` itself): an instance has no
+    dict to build, and the engine's decoder stores each field straight into
+    its slot. A name with a value in the class body, or a ClassVar, is a
+    class attribute, not a field slot."""
+
+    def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> _Slotted:
+        if "__slots__" not in namespace:
+            inherited = {field for base in bases for field in getattr(base, "__fields__", ())}
+            namespace["__slots__"] = tuple(
+                field for field, annotation in namespace.get("__annotations__", {}).items()
+                if field not in namespace and field not in inherited and not _is_class_var(annotation)
+            )
+        return super().__new__(mcls, name, bases, namespace, **kwargs)
+
+
 @dataclass_transform(kw_only_default=True)
-class Struct:
+class Struct(metaclass=_Slotted):
     """Fields sent in place inside a packet (a position, an item); declare
     them as class annotations, as for a `Packet`."""
 
@@ -503,11 +437,8 @@ class Struct:
     def _encode_into(self, out: bytearray) -> None:  # generated per class
         raise NotImplementedError
 
-    @staticmethod
-    def _decode_from(data: bytes, at: int) -> tuple[Any, int]:  # generated per class
-        raise NotImplementedError
-
-    _decode_whole: ClassVar[Callable[[bytes], Any]]  # generated per class
+    _packet_layout: ClassVar[PacketLayout]  # compiled per class
+    _decode_whole: ClassVar[Callable[[bytes], Any]]  # the layout's decode
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -564,63 +495,37 @@ _BASES.add(Packet)
 Handler = Callable[[Any, Any], "Awaitable[None] | None"]
 
 
-class Router:
+class Router(RouteTable):
     """Packet types and their handlers: `@router.on(Chat) def on_chat(session, packet)`.
 
-    A session class that routes is a `RoutedSession` with `router = ...`; a
-    session switches routers (lobby -> game) with `self.router = game`,
-    from the next packet on. Give the server `packet_ids=router.packet_ids`
-    (the union, for several routers), so the engine cuts unknown ids before
-    Python sees them."""
-
-    def __init__(self, name: str = "router") -> None:
-        self.name = name
-        self._table: dict[int, tuple[Callable[[bytes], Any], Handler, str]] = {}
+    `Router(name="router")`; the name is in its messages. A session class
+    that routes is a `RoutedSession` with `router = ...`; a session switches
+    routers (lobby -> game) with `self.router = game`, from the next packet
+    on. Give the server `packet_ids=router.packet_ids` (the union, for
+    several routers), so the engine cuts unknown ids before Python sees
+    them. The table and the dispatch are the engine's (`RouteTable`)."""
 
     def on(self, packet_type: type[Packet], *, id: int | None = None) -> Callable[[Handler], Handler]:
         """Registers the decorated function for `packet_type`. A protobuf
         message class needs `id=`; its payload is the serialized message."""
         packet_id, decode, label = _decoder(packet_type, id)
-        if packet_id in self._table:
-            raise ValueError(
-                f"{self.name}: packet id {packet_id} ({label}) already has a handler ({self._table[packet_id][2]})"
-            )
+        self._check_free(packet_id, label)
 
         def register(handler: Handler) -> Handler:
             if not callable(handler):
                 raise TypeError(f"{self.name}: a handler must be callable, got {type(handler).__name__}")
-            self._table[packet_id] = (decode, handler, label)
+            self._add(packet_id, decode, handler, label)
             return handler
 
         return register
 
-    @property
-    def packet_ids(self) -> frozenset[int]:
-        """The ids this router handles: the server's `packet_ids`."""
-        return frozenset(self._table)
 
-    def dispatch(self, session: PacketSession, packet_id: int, payload: bytes) -> Awaitable[None] | None:
-        """Decodes and hands one packet to its handler; a payload that does not
-        match closes the session MALFORMED_PACKET instead."""
-        entry = self._table.get(packet_id)
-        if entry is None:
-            session._reject_malformed(f"packet {packet_id}: no handler in {self.name}")  # type: ignore[attr-defined]
-            return None
-        decode, handler, label = entry
-        try:
-            packet = decode(payload)
-        except MalformedPacket as error:
-            session._reject_malformed(f"{label} (id {packet_id}): {error}")  # type: ignore[attr-defined]
-            return None
-        return handler(session, packet)
-
-
-def _decoder(packet_type: Any, packet_id: int | None) -> tuple[int, Callable[[bytes], Any], str]:
+def _decoder(packet_type: Any, packet_id: int | None) -> tuple[int, PacketLayout | Callable[[bytes], Any], str]:
     label = getattr(packet_type, "__name__", repr(packet_type))
     if isinstance(packet_type, type) and issubclass(packet_type, Packet):
         if packet_id is not None and packet_id != packet_type.packet_id:
             raise ValueError(f"{label} has id {packet_type.packet_id}; id={packet_id} contradicts it")
-        return packet_type.packet_id, packet_type._decode_whole, label
+        return packet_type.packet_id, packet_type._packet_layout, label
     if hasattr(packet_type, "FromString") and hasattr(packet_type, "DESCRIPTOR"):  # a protobuf message
         if packet_id is None or not 0 <= packet_id <= U16_MAX:
             raise TypeError(f"{label} is a protobuf message: register it with id=N (0..65535)")
@@ -643,18 +548,11 @@ class RoutedSession(PacketSession):
     router: Router
 
     def on_recv_packet(self, packet_id: int, payload: bytes) -> Awaitable[None] | None:
-        # Router.dispatch, inlined: this runs for every packet.
-        router = self.router
-        entry = router._table.get(packet_id)
-        if entry is None:
-            return router.dispatch(self, packet_id, payload)
-        decode, handler, label = entry
-        try:
-            packet = decode(payload)
-        except MalformedPacket as error:
-            self._reject_malformed(f"{label} (id {packet_id}): {error}")  # type: ignore[attr-defined]
-            return None
-        return handler(self, packet)
+        # The engine does this itself, without calling here, for a class that
+        # keeps this method (marked below); an override may call it.
+        return self.router.dispatch(self, packet_id, payload)
+
+    on_recv_packet.__servercore_routes__ = True  # type: ignore[attr-defined]
 
 
 def protobuf_packet(packet_id: int, message: Any) -> tuple[int, bytes]:

@@ -30,6 +30,7 @@ use pyo3::types::PyBytes;
 use rustc_hash::FxHashMap;
 
 use super::logging;
+use super::router;
 use super::scheduler::Scheduler;
 use super::session_class::{SessionClass, callback};
 use crate::coalesce::WriteBatch;
@@ -392,21 +393,25 @@ impl Dispatcher {
                         self.shared.count_discarded((packets.len() - delivered) as u64);
                         break;
                     }
-                    let returned =
-                        match callback::on_recv_packet(object, packet_id, PyBytes::new(py, payload)) {
-                            Ok(returned) => returned,
-                            Err(error) => {
-                                // Only a KeyboardInterrupt or SystemExit comes back from
-                                // `check`; the rest of the run is then for the next poll.
-                                let result = self.check::<()>(py, Err(error), &handle, "on_recv_packet");
-                                if result.is_err()
-                                    && let Some(rest) = turn.run.give_back(packets.skip(delivered + 1))
-                                {
-                                    turn.pending.push_front(Event::Packets { session, packets: rest });
-                                }
-                                return result;
+                    let returned = if self.class.routes {
+                        router::route(object, &handle, packet_id, payload)
+                    } else {
+                        callback::on_recv_packet(object, packet_id, PyBytes::new(py, payload))
+                    };
+                    let returned = match returned {
+                        Ok(returned) => returned,
+                        Err(error) => {
+                            // Only a KeyboardInterrupt or SystemExit comes back from
+                            // `check`; the rest of the run is then for the next poll.
+                            let result = self.check::<()>(py, Err(error), &handle, "on_recv_packet");
+                            if result.is_err()
+                                && let Some(rest) = turn.run.give_back(packets.skip(delivered + 1))
+                            {
+                                turn.pending.push_front(Event::Packets { session, packets: rest });
                             }
-                        };
+                            return result;
+                        }
+                    };
                     if let Some(coroutine) = callback::awaitable(returned)
                         && self.spawn(py, turn, coroutine, &handle, "on_recv_packet", false)?
                     {

@@ -7,6 +7,8 @@
 //! - [`session_class`]: a session class's framing, and how its callbacks are called.
 //! - [`dispatcher`]: engine events turned into callbacks inside `poll()`.
 //! - [`scheduler`]: timers and posted calls, run by the polling thread with the callbacks.
+//! - [`packet_layout`]: a typed packet class's wire layout, and its decoder.
+//! - [`router`]: packet ids to handlers; routed sessions are dispatched without a Python frame.
 //! - [`room`]: `Room`, a group of sessions to broadcast to.
 //! - [`bus`]: `Bus`, a server's link to its cluster over Redis.
 //! - [`logging`]: the engine's log records, emitted through Python's `logging`.
@@ -15,7 +17,9 @@ mod bus;
 mod dispatcher;
 mod logging;
 mod options;
+mod packet_layout;
 mod room;
+mod router;
 mod scheduler;
 mod send_buffer;
 mod service;
@@ -37,6 +41,9 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<service::PyClient>()?;
     module.add_class::<scheduler::PyTimer>()?;
     module.add_class::<room::PyRoom>()?;
+    module.add_class::<packet_layout::PyPacketLayout>()?;
+    module.add_class::<router::PyRouteTable>()?;
+    module.add("MalformedPacket", module.py().get_type::<packet_layout::MalformedPacket>())?;
     module.add_class::<bus::PyBus>()?;
     module.add_function(wrap_pyfunction!(bus::_bus_stats, module)?)?;
     // The engine's reasons, by code; servercore.DisconnectReason is checked against it.

@@ -26,6 +26,9 @@ pub struct SessionClass {
     pub framing: Framing,
     /// The class overrides `on_send`: the engine reports completed writes.
     pub reports_sent: bool,
+    /// The class's `on_recv_packet` is `RoutedSession`'s: the engine routes
+    /// its packets itself (`router::route`).
+    pub routes: bool,
 }
 
 impl SessionClass {
@@ -46,11 +49,20 @@ impl SessionClass {
             if cls.is_subclass(&py.get_type::<PyPacketSession>())? { Framing::Packets } else { Framing::Raw };
         let on_send = cls.getattr(intern!(py, "on_send"))?;
         let base_on_send = session_base.getattr(intern!(py, "on_send"))?;
-        Ok(Self { cls: cls.clone().unbind(), framing, reports_sent: !on_send.is(&base_on_send) })
+        let on_recv_packet = cls.getattr(intern!(py, "on_recv_packet"))?;
+        let routes = on_recv_packet
+            .getattr(intern!(py, "__servercore_routes__"))
+            .is_ok_and(|v| v.is_truthy().unwrap_or(false));
+        Ok(Self { cls: cls.clone().unbind(), framing, reports_sent: !on_send.is(&base_on_send), routes })
     }
 
     pub fn clone_ref(&self, py: Python<'_>) -> Self {
-        Self { cls: self.cls.clone_ref(py), framing: self.framing, reports_sent: self.reports_sent }
+        Self {
+            cls: self.cls.clone_ref(py),
+            framing: self.framing,
+            reports_sent: self.reports_sent,
+            routes: self.routes,
+        }
     }
 
     pub fn name(&self, py: Python<'_>) -> String {

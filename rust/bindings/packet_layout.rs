@@ -1,0 +1,505 @@
+//! `PacketLayout`: a typed packet's wire layout, compiled once per class, and
+//! the decoder that turns a payload into an instance of that class.
+//!
+//! `servercore.packets` reads a `Packet`/`Struct` class's annotations and
+//! hands the fields here in wire order; decoding is then a walk over bytes
+//! that are already in Rust: no `bytes` object is made for the payload, and
+//! the values go straight into the new object's attributes.
+//!
+//! Every length and count is checked against what is left, and against its
+//! declared limit, before anything is allocated. A payload that does not match
+//! is `MalformedPacket` naming the packet and the field, exactly as the
+//! messages of the Python decoder this replaced (tests/test_packets.py).
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::pyclass::{PyTraverseError, PyVisit};
+use pyo3::types::{PyBool, PyBytes, PyList, PyString, PyTuple, PyType};
+
+pyo3::create_exception!(
+    servercore.packets,
+    MalformedPacket,
+    PyValueError,
+    "A payload does not match its packet's layout."
+);
+
+/// A fixed-width number on the wire (its `struct` code on the Python side).
+#[derive(Clone, Copy)]
+enum Scalar {
+    U8,
+    U16,
+    U32,
+    U64,
+    I8,
+    I16,
+    I32,
+    I64,
+    F32,
+    F64,
+    Bool,
+}
+
+impl Scalar {
+    fn from_code(code: &str) -> PyResult<Self> {
+        Ok(match code {
+            "B" => Self::U8,
+            "H" => Self::U16,
+            "I" => Self::U32,
+            "Q" => Self::U64,
+            "b" => Self::I8,
+            "h" => Self::I16,
+            "i" => Self::I32,
+            "q" => Self::I64,
+            "f" => Self::F32,
+            "d" => Self::F64,
+            "?" => Self::Bool,
+            other => return Err(PyValueError::new_err(format!("{other:?} is not a scalar wire code"))),
+        })
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Self::U8 | Self::I8 | Self::Bool => 1,
+            Self::U16 | Self::I16 => 2,
+            Self::U32 | Self::I32 | Self::F32 => 4,
+            Self::U64 | Self::I64 | Self::F64 => 8,
+        }
+    }
+
+    /// The value in `bytes`, which are exactly `self.size()` long.
+    fn value<'py>(self, py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+        fn le<const N: usize>(bytes: &[u8]) -> [u8; N] {
+            bytes.try_into().expect("the caller sliced exactly the scalar's size")
+        }
+        Ok(match self {
+            Self::U8 => bytes[0].into_pyobject(py)?.into_any(),
+            Self::I8 => (bytes[0] as i8).into_pyobject(py)?.into_any(),
+            Self::U16 => u16::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            Self::I16 => i16::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            Self::U32 => u32::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            Self::I32 => i32::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            Self::U64 => u64::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            Self::I64 => i64::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            Self::F32 => f64::from(f32::from_le_bytes(le(bytes))).into_pyobject(py)?.into_any(),
+            Self::F64 => f64::from_le_bytes(le(bytes)).into_pyobject(py)?.into_any(),
+            // As struct's '?': any byte but 0 is True.
+            Self::Bool => PyBool::new(py, bytes[0] != 0).to_owned().into_any(),
+        })
+    }
+}
+
+/// How one field is laid out.
+enum Wire {
+    Scalar(Scalar),
+    /// Exactly `count` numbers, no count on the wire; decoded as a list.
+    Fixed(Scalar, usize),
+    /// u16 byte count, then UTF-8.
+    Str {
+        limit: usize,
+    },
+    /// u16 byte count, then the bytes.
+    Bytes {
+        limit: usize,
+    },
+    /// u16 element count, then the elements.
+    List {
+        element: Element,
+        limit: usize,
+    },
+    /// Another layout's fields, in place.
+    Struct(Py<PyPacketLayout>),
+}
+
+enum Element {
+    Scalar(Scalar),
+    Str,
+    Bytes,
+    Struct(Py<PyPacketLayout>),
+}
+
+struct Field {
+    name: Py<PyString>,
+    /// The class's slot for this field (a member descriptor), when a store
+    /// may go straight to it: the class keeps object's `__setattr__`.
+    slot: Option<Py<PyAny>>,
+    /// `Class.field`, the start of every message about it.
+    label: String,
+    wire: Wire,
+    /// The bytes of the run of fixed-width fields this field begins (checked
+    /// once for the run, as one `unpack_from` would), or 0.
+    run: usize,
+}
+
+/// Why a payload did not decode: it does not match (the message names the
+/// field), or Python failed (out of memory, a raising `__setattr__`).
+pub enum DecodeError {
+    Malformed(String),
+    Python(PyErr),
+}
+
+impl From<PyErr> for DecodeError {
+    fn from(error: PyErr) -> Self {
+        Self::Python(error)
+    }
+}
+
+impl DecodeError {
+    fn within(self, label: impl std::fmt::Display) -> Self {
+        match self {
+            Self::Malformed(message) => Self::Malformed(format!("{label}: {message}")),
+            python => python,
+        }
+    }
+
+    pub fn into_py_err(self) -> PyErr {
+        match self {
+            Self::Malformed(message) => MalformedPacket::new_err(message),
+            Self::Python(error) => error,
+        }
+    }
+}
+
+type Decoded<'py> = Result<Bound<'py, PyAny>, DecodeError>;
+
+/// Bytes being read from the front.
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.data.len() - self.at
+    }
+
+    /// The next `n` bytes, if there are that many.
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let taken = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(taken)
+    }
+
+    /// A u16 count or length.
+    fn count(&mut self) -> Option<usize> {
+        self.take(2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+    }
+}
+
+/// A packet or struct class's layout: `PacketLayout(cls, fields)`, each field
+/// `(name, kind, code, count, limit, nested)` as `servercore.packets` reads
+/// it from the annotations.
+#[pyclass(frozen, module = "servercore._core", name = "PacketLayout")]
+pub struct PyPacketLayout {
+    class: Py<PyType>,
+    label: String,
+    fields: Vec<Field>,
+    /// Every field is a scalar: a payload is exactly this long.
+    scalar_size: Option<usize>,
+}
+
+type FieldSpec<'py> = (String, String, String, usize, usize, Option<Bound<'py, PyPacketLayout>>);
+
+impl PyPacketLayout {
+    /// The object in the whole of `data`: no byte may be left over.
+    pub fn decode_payload<'py>(&self, py: Python<'py>, data: &[u8]) -> Decoded<'py> {
+        if let Some(size) = self.scalar_size
+            && data.len() != size
+        {
+            let label = &self.label;
+            return Err(DecodeError::Malformed(format!(
+                "{label}: {} bytes, its layout has {size}",
+                data.len()
+            )));
+        }
+        let mut reader = Reader { data, at: 0 };
+        let object = self.decode_from(py, &mut reader)?;
+        match reader.left() {
+            0 => Ok(object),
+            left => Err(DecodeError::Malformed(format!("{}: {left} trailing bytes", self.label))),
+        }
+    }
+
+    fn decode_from<'py>(&self, py: Python<'py>, reader: &mut Reader<'_>) -> Decoded<'py> {
+        let object = new_instance(self.class.bind(py))?;
+        for field in &self.fields {
+            if field.run > reader.left() {
+                return Err(DecodeError::Malformed(format!(
+                    "{}: {} bytes left, the fixed fields need {}",
+                    field.label,
+                    reader.left(),
+                    field.run
+                )));
+            }
+            let value = field.decode(py, reader)?;
+            match &field.slot {
+                Some(slot) => store_in_slot(slot.bind(py), &object, value)?,
+                None => object.setattr(field.name.bind(py), value)?,
+            }
+        }
+        Ok(object)
+    }
+}
+
+impl Field {
+    fn decode<'py>(&self, py: Python<'py>, reader: &mut Reader<'_>) -> Decoded<'py> {
+        let label = &self.label;
+        // The run was checked as a whole: this only fails on a bug.
+        let left = reader.left();
+        let short = || DecodeError::Malformed(format!("{label}: {left} bytes left"));
+        match &self.wire {
+            Wire::Scalar(scalar) => {
+                let bytes = reader.take(scalar.size()).ok_or_else(short)?;
+                Ok(scalar.value(py, bytes)?)
+            }
+            Wire::Fixed(scalar, count) => {
+                let bytes = reader.take(scalar.size() * count).ok_or_else(short)?;
+                scalars(py, *scalar, bytes)
+            }
+            Wire::Str { limit } => {
+                let bytes = self.sized(reader, *limit)?;
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| DecodeError::Malformed(format!("{label}: invalid UTF-8")))?;
+                Ok(PyString::new(py, text).into_any())
+            }
+            Wire::Bytes { limit } => Ok(PyBytes::new(py, self.sized(reader, *limit)?).into_any()),
+            Wire::Struct(layout) => layout.get().decode_from(py, reader).map_err(|e| e.within(label)),
+            Wire::List { element, limit } => {
+                let n = self.count(reader, *limit, "elements")?;
+                match element {
+                    Element::Scalar(scalar) => {
+                        let need = n * scalar.size();
+                        let bytes = reader.take(need).ok_or_else(|| {
+                            DecodeError::Malformed(format!(
+                                "{label}: {n} elements announced, {} bytes left",
+                                reader.left()
+                            ))
+                        })?;
+                        scalars(py, *scalar, bytes)
+                    }
+                    Element::Struct(layout) => {
+                        let items = PyList::empty(py);
+                        for index in 0..n {
+                            let item = layout
+                                .get()
+                                .decode_from(py, reader)
+                                .map_err(|e| e.within(format_args!("{label}[{index}]")))?;
+                            items.append(item)?;
+                        }
+                        Ok(items.into_any())
+                    }
+                    Element::Str | Element::Bytes => {
+                        let items = PyList::empty(py);
+                        for _ in 0..n {
+                            let m = reader.count().ok_or_else(|| {
+                                DecodeError::Malformed(format!(
+                                    "{label}: an element has no room for its length"
+                                ))
+                            })?;
+                            let left = reader.left();
+                            let bytes = reader.take(m).ok_or_else(|| {
+                                DecodeError::Malformed(format!(
+                                    "{label}: an element of {m} bytes, {left} left"
+                                ))
+                            })?;
+                            if matches!(element, Element::Str) {
+                                let text = std::str::from_utf8(bytes)
+                                    .map_err(|_| DecodeError::Malformed(format!("{label}: invalid UTF-8")))?;
+                                items.append(PyString::new(py, text))?;
+                            } else {
+                                items.append(PyBytes::new(py, bytes))?;
+                            }
+                        }
+                        Ok(items.into_any())
+                    }
+                }
+            }
+        }
+    }
+
+    /// A u16 count, refused past `limit` before anything is allocated.
+    fn count(&self, reader: &mut Reader<'_>, limit: usize, what: &str) -> Result<usize, DecodeError> {
+        let label = &self.label;
+        let n = reader
+            .count()
+            .ok_or_else(|| DecodeError::Malformed(format!("{label}: no room for its count")))?;
+        if n > limit {
+            return Err(DecodeError::Malformed(format!("{label}: {n} {what}, over its limit of {limit}")));
+        }
+        Ok(n)
+    }
+
+    /// A str's or bytes' counted bytes.
+    fn sized<'a>(&self, reader: &mut Reader<'a>, limit: usize) -> Result<&'a [u8], DecodeError> {
+        let n = self.count(reader, limit, "bytes")?;
+        let left = reader.left();
+        reader.take(n).ok_or_else(|| {
+            DecodeError::Malformed(format!("{}: {n} bytes announced, {left} left", self.label))
+        })
+    }
+}
+
+/// Consecutive numbers as a list.
+fn scalars<'py>(py: Python<'py>, scalar: Scalar, bytes: &[u8]) -> Decoded<'py> {
+    let values =
+        bytes.chunks_exact(scalar.size()).map(|b| scalar.value(py, b)).collect::<PyResult<Vec<_>>>()?;
+    Ok(PyList::new(py, values)?.into_any())
+}
+
+/// The member descriptor `cls` has for `name` (from `__slots__`), if
+/// setting the attribute means storing into it: `cls` does not override
+/// `__setattr__`.
+fn slot_of(cls: &Bound<'_, PyType>, name: &Bound<'_, PyString>) -> PyResult<Option<Py<PyAny>>> {
+    let setattr = intern!(cls.py(), "__setattr__");
+    if !cls.getattr(setattr)?.is(cls.py().get_type::<PyAny>().getattr(setattr)?) {
+        return Ok(None);
+    }
+    for klass in cls.mro().iter() {
+        let Some(found) = klass.cast::<PyType>()?.getattr("__dict__")?.get_item(name).ok() else { continue };
+        // SAFETY: a type check on a live object against a static type object.
+        let member = unsafe {
+            pyo3::ffi::PyObject_TypeCheck(
+                found.as_ptr(),
+                std::ptr::addr_of_mut!(pyo3::ffi::PyMemberDescr_Type),
+            )
+        };
+        return Ok((member != 0).then(|| found.unbind()));
+    }
+    Ok(None)
+}
+
+/// `slot.__set__(object, value)`: what `object.name = value` does for a
+/// slotted name, without looking the name up.
+fn store_in_slot(
+    slot: &Bound<'_, PyAny>,
+    object: &Bound<'_, PyAny>,
+    value: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    // SAFETY: a member descriptor's tp_descr_set with live objects; it
+    // returns -1 with an exception set on failure, and does not steal `value`.
+    unsafe {
+        let set = (*pyo3::ffi::Py_TYPE(slot.as_ptr())).tp_descr_set.expect("a member descriptor can be set");
+        if set(slot.as_ptr(), object.as_ptr(), value.as_ptr()) < 0 {
+            return Err(PyErr::fetch(slot.py()));
+        }
+    }
+    Ok(())
+}
+
+/// `object.__new__(cls)`: the instance without `__init__`, as pickle makes it
+/// (its fields are set next).
+fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    let py = cls.py();
+    let args = PyTuple::empty(py);
+    // SAFETY: object's tp_new with a type object and an empty tuple, as
+    // `object.__new__(cls)` calls it; the result is a new reference or NULL
+    // with an exception set.
+    unsafe {
+        let object_new =
+            (*std::ptr::addr_of!(pyo3::ffi::PyBaseObject_Type)).tp_new.expect("object has tp_new");
+        let made = object_new(cls.as_type_ptr(), args.as_ptr(), std::ptr::null_mut());
+        Bound::from_owned_ptr_or_err(py, made)
+    }
+}
+
+#[pymethods]
+impl PyPacketLayout {
+    #[new]
+    fn new(cls: Bound<'_, PyType>, fields: Vec<FieldSpec<'_>>) -> PyResult<Self> {
+        let py = cls.py();
+        let label = cls.name()?.to_string();
+        let mut compiled: Vec<Field> = Vec::with_capacity(fields.len());
+        for (name, kind, code, count, limit, nested) in fields {
+            let layout = || {
+                nested.as_ref().map(|l| l.clone().unbind()).ok_or_else(|| {
+                    PyTypeError::new_err(format!("{label}.{name}: a {kind} field needs its struct's layout"))
+                })
+            };
+            let wire = match kind.as_str() {
+                "scalar" => Wire::Scalar(Scalar::from_code(&code)?),
+                "fixed" => Wire::Fixed(Scalar::from_code(&code)?, count),
+                "str" => Wire::Str { limit },
+                "bytes" => Wire::Bytes { limit },
+                "struct" => Wire::Struct(layout()?),
+                "list:scalar" => Wire::List { element: Element::Scalar(Scalar::from_code(&code)?), limit },
+                "list:str" => Wire::List { element: Element::Str, limit },
+                "list:bytes" => Wire::List { element: Element::Bytes, limit },
+                "list:struct" => Wire::List { element: Element::Struct(layout()?), limit },
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "{label}.{name}: unknown field kind {other:?}"
+                    )));
+                }
+            };
+            let fixed = match &wire {
+                Wire::Scalar(scalar) => Some(scalar.size()),
+                Wire::Fixed(scalar, count) => Some(scalar.size() * count),
+                _ => None,
+            };
+            // A fixed-width field extends the run before it, or begins one.
+            let mut run = fixed.unwrap_or(0);
+            if let Some(size) = fixed
+                && let Some(start) = run_start(&compiled)
+            {
+                compiled[start].run += size;
+                run = 0;
+            }
+            let field_label = format!("{label}.{name}");
+            let name = PyString::intern(py, &name);
+            let slot = slot_of(&cls, &name)?;
+            compiled.push(Field { name: name.unbind(), slot, label: field_label, wire, run });
+        }
+        let scalar_size = compiled
+            .iter()
+            .map(|f| match f.wire {
+                Wire::Scalar(scalar) => Some(scalar.size()),
+                _ => None,
+            })
+            .sum::<Option<usize>>()
+            .filter(|_| !compiled.is_empty());
+        Ok(Self { class: cls.unbind(), label, fields: compiled, scalar_size })
+    }
+
+    /// The object in `payload` (any bytes-like object); MalformedPacket if it
+    /// does not match the layout.
+    fn decode<'py>(&self, payload: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let py = payload.py();
+        let result = match payload.cast::<PyBytes>() {
+            Ok(bytes) => self.decode_payload(py, bytes.as_bytes()),
+            Err(_) => {
+                let bytes = py.get_type::<PyBytes>().call1((payload,))?;
+                self.decode_payload(py, bytes.cast::<PyBytes>()?.as_bytes())
+            }
+        };
+        result.map_err(DecodeError::into_py_err)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.class)?;
+        for field in &self.fields {
+            if let Some(slot) = &field.slot {
+                visit.call(slot)?;
+            }
+            match &field.wire {
+                Wire::Struct(layout) | Wire::List { element: Element::Struct(layout), .. } => {
+                    visit.call(layout)?
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The field that begins the run of fixed-width fields at the end of
+/// `fields`, if the last field is fixed-width.
+fn run_start(fields: &[Field]) -> Option<usize> {
+    let mut start = None;
+    for (index, field) in fields.iter().enumerate().rev() {
+        match field.wire {
+            Wire::Scalar(_) | Wire::Fixed(..) => start = Some(index),
+            _ => break,
+        }
+    }
+    start
+}
