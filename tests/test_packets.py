@@ -20,7 +20,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import pytest
 
@@ -375,3 +375,115 @@ def test_a_packet_class_may_write_its_own_constructor_and_encoder():
     with pytest.raises(TypeError, match="names starting with _sc_ are servercore's own"):
         class Bad(Packet, id=46):  # noqa: F841
             _sc_self: u32
+
+
+def test_packet_objects_keep_their_fields_in_slots():
+    """A packet has no instance dict: its fields are slots, which the
+    engine's decoder fills directly (rust/bindings/packet_layout.rs)."""
+    move = Move.decode(Move(to=Vec2(x=1.0, y=2.0), seq=3).encode())
+    assert Move.__slots__ == ("to", "seq") and Vec2.__slots__ == ("x", "y")
+    assert not hasattr(move, "__dict__")
+    with pytest.raises(AttributeError):
+        move.speed = 1  # type: ignore[attr-defined]
+
+    class Logged(Packet, id=47):
+        seq: u32
+        kind: ClassVar[str] = "logged"  # a class attribute, not a field or a slot
+
+        def __setattr__(self, name: str, value: object) -> None:
+            stores.append(name)
+            super().__setattr__(name, value)
+
+    stores: list[str] = []
+    assert Logged.__slots__ == ("seq",)
+    assert Logged.decode(struct.pack("<I", 9)).seq == 9
+    assert stores == ["seq"], "a class's own __setattr__ is honoured by the decoder"
+
+
+def routed_echo(start_server: Callable[..., Server], session_class: type[RoutedSession]) -> Server:
+    return start_server(session_class, packet_ids=session_class.router.packet_ids)
+
+
+def test_a_routed_class_that_overrides_on_recv_packet_routes_through_super(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    """The engine routes by itself only for a class that keeps
+    RoutedSession.on_recv_packet; an override is called as any callback,
+    and super() routes the same way, malformed payloads included."""
+    router = Router("echo")
+    seen: list[object] = []
+
+    @router.on(Chat)
+    def on_chat(session: RoutedSession, chat: Chat) -> None:
+        session.send(chat)
+
+    class Logging(RoutedSession):
+        def on_recv_packet(self, packet_id: int, payload: bytes) -> None:
+            seen.append(packet_id)
+            return super().on_recv_packet(packet_id, payload)
+
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            seen.append(reason)
+
+    Logging.router = router
+    server = routed_echo(start_server, Logging)
+    good, bad = connect(server, raw_peers, count=2)
+    assert exchange(server, good, packet(1, Chat(text="hi").encode())) == (1, Chat(text="hi").encode())
+    bad.send(packet(1, b"\x09\x00"))
+    poll_until(server, lambda: DisconnectReason.MALFORMED_PACKET in seen)
+    assert seen == [1, 1, DisconnectReason.MALFORMED_PACKET] and len(server) == 1
+
+
+def test_a_router_that_is_not_a_router_is_a_callback_error(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router("fine")
+    reasons: list[DisconnectReason] = []
+
+    @router.on(Chat)
+    def on_chat(session: RoutedSession, chat: Chat) -> None:
+        if chat.text == "break":
+            session.router = {"not": "a router"}  # type: ignore[assignment]
+        session.send(chat)
+
+    class Player(RoutedSession):
+        def on_disconnected(self, reason: DisconnectReason) -> None:
+            reasons.append(reason)
+
+    Player.router = router
+    server = routed_echo(start_server, Player)
+    with caplog.at_level(logging.ERROR, logger="servercore"):
+        broken, fine = connect(server, raw_peers, count=2)
+        broken.send(packet(1, Chat(text="break").encode()) + packet(1, Chat(text="x").encode()))
+        poll_until(server, lambda: reasons)
+        assert exchange(server, fine, packet(1, Chat(text="ok").encode())) == (1, Chat(text="ok").encode())
+    assert reasons == [DisconnectReason.CALLBACK_ERROR]
+    errors = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert len(errors) == 1 and errors[0].endswith("Player.router must be a servercore.packets.Router, got dict"), errors
+
+
+def test_a_handler_may_register_routes_while_packets_are_routed(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    """Routes are only added; a handler adding one mid-dispatch sees it used
+    for the very next packet of the same read."""
+    router = Router("growing")
+    got: list[object] = []
+
+    @router.on(EnterGame)
+    def enter(session: RoutedSession, _: EnterGame) -> None:
+        got.append("enter")
+
+        @router.on(Chat)
+        def on_chat(session: RoutedSession, chat: Chat) -> None:
+            got.append(chat.text)
+
+    class Player(RoutedSession):
+        pass
+
+    Player.router = router
+    server = start_server(Player, packet_ids={1, 4})
+    (peer,) = connect(server, raw_peers)
+    peer.send(packet(4) + packet(1, Chat(text="now").encode()))
+    poll_until(server, lambda: len(got) == 2)
+    assert got == ["enter", "now"] and len(server) == 1

@@ -22,8 +22,11 @@ __all__ = [
     "MAX_PACKET_SIZE",
     "Bus",
     "Client",
+    "MalformedPacket",
+    "PacketLayout",
     "PacketSession",
     "Room",
+    "RouteTable",
     "SendBuffer",
     "Server",
     "Service",
@@ -276,6 +279,42 @@ class Room:
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Any]:
         """The members' session objects, in the order they connected (a snapshot)."""
+
+class MalformedPacket(ValueError):
+    """A payload does not match its packet's layout (`servercore.packets`)."""
+
+_FieldSpec = tuple[str, str, str, int, int, "PacketLayout | None"]
+
+@final
+class PacketLayout:
+    """A packet or struct class's wire layout, compiled once by
+    `servercore.packets`: each field `(name, kind, code, count, limit,
+    nested)`, kind one of scalar, fixed, str, bytes, struct, list:scalar,
+    list:str, list:bytes, list:struct."""
+
+    def __new__(cls, packet_class: type, fields: list[_FieldSpec]) -> PacketLayout: ...
+    def decode(self, payload: Buffer) -> Any:
+        """The instance of the class in the whole of `payload`;
+        MalformedPacket naming the field if it does not match."""
+
+@disjoint_base
+class RouteTable:
+    """Packet ids to decoders and handlers: the engine half of
+    `servercore.packets.Router`, which adds `on()`."""
+
+    def __new__(cls, name: str = ...) -> RouteTable:
+        """`name` (default "router") is the one in its messages."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def packet_ids(self) -> frozenset[int]:
+        """The ids this router handles: the server's `packet_ids`."""
+    def _check_free(self, packet_id: int, label: str) -> None: ...
+    def _add(self, packet_id: int, decoder: PacketLayout | Callable[[bytes], Any], handler: Callable[..., Any], label: str) -> None: ...
+    def dispatch(self, session: PacketSession, packet_id: int, payload: bytes) -> Awaitable[None] | None:
+        """Decodes and hands one packet to its handler, returning what it
+        returned; a payload that does not match (or an id without a handler)
+        closes the session MALFORMED_PACKET instead."""
 
 @final
 class Bus:

@@ -9,9 +9,14 @@
 //! bound method object (`PyObject_VectorcallMethod`) on an interned name, the
 //! same work the interpreter does for that line of Python.
 //!
-//! One thing is decided once, when the service is made: whether the class
-//! overrides `on_send`. Reporting every write costs, so the engine reports
-//! writes only for a class that does; the README and the stub say so.
+//! Two things are decided once, when the service is made:
+//! - whether the class overrides `on_send`. Reporting every write costs, so
+//!   the engine reports writes only for a class that does; the README and
+//!   the stub say so.
+//! - whether it keeps `RoutedSession.on_recv_packet`. Then the engine routes
+//!   its packets itself ([`super::router::route`]), through the session's
+//!   `router`, which is read for every packet; an `on_recv_packet` assigned
+//!   to one instance of such a class is not consulted.
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::intern;
@@ -49,10 +54,11 @@ impl SessionClass {
             if cls.is_subclass(&py.get_type::<PyPacketSession>())? { Framing::Packets } else { Framing::Raw };
         let on_send = cls.getattr(intern!(py, "on_send"))?;
         let base_on_send = session_base.getattr(intern!(py, "on_send"))?;
-        let on_recv_packet = cls.getattr(intern!(py, "on_recv_packet"))?;
-        let routes = on_recv_packet
-            .getattr(intern!(py, "__servercore_routes__"))
-            .is_ok_and(|v| v.is_truthy().unwrap_or(false));
+        let routes = framing == Framing::Packets
+            && cls
+                .getattr(intern!(py, "on_recv_packet"))?
+                .getattr(intern!(py, "__servercore_routes__"))
+                .is_ok_and(|marked| marked.is_truthy().unwrap_or(false));
         Ok(Self { cls: cls.clone().unbind(), framing, reports_sent: !on_send.is(&base_on_send), routes })
     }
 
