@@ -120,9 +120,10 @@ enum Element {
 
 struct Field {
     name: Py<PyString>,
-    /// The class's slot for this field (a member descriptor), when a store
-    /// may go straight to it: the class keeps object's `__setattr__`.
-    slot: Option<Py<PyAny>>,
+    /// Where the class keeps this field in its instances (from
+    /// `__slots__`), when a store may go straight there: the class keeps
+    /// object's `__setattr__`.
+    slot: Option<Slot>,
     /// `Class.field`, the start of every message about it.
     label: String,
     wire: Wire,
@@ -233,7 +234,7 @@ impl PyPacketLayout {
             }
             let value = field.decode(py, reader)?;
             match &field.slot {
-                Some(slot) => store_in_slot(slot.bind(py), &object, value)?,
+                Some(slot) => slot.store(&object, value),
                 None => object.setattr(field.name.bind(py), value)?,
             }
         }
@@ -346,44 +347,61 @@ fn scalars<'py>(py: Python<'py>, scalar: Scalar, bytes: &[u8]) -> Decoded<'py> {
     Ok(PyList::new(py, values)?.into_any())
 }
 
-/// The member descriptor `cls` has for `name` (from `__slots__`), if
-/// setting the attribute means storing into it: `cls` does not override
-/// `__setattr__`.
-fn slot_of(cls: &Bound<'_, PyType>, name: &Bound<'_, PyString>) -> PyResult<Option<Py<PyAny>>> {
-    let setattr = intern!(cls.py(), "__setattr__");
-    if !cls.getattr(setattr)?.is(cls.py().get_type::<PyAny>().getattr(setattr)?) {
-        return Ok(None);
-    }
-    for klass in cls.mro().iter() {
-        let Some(found) = klass.cast::<PyType>()?.getattr("__dict__")?.get_item(name).ok() else { continue };
-        // SAFETY: a type check on a live object against a static type object.
-        let member = unsafe {
-            pyo3::ffi::PyObject_TypeCheck(
-                found.as_ptr(),
-                std::ptr::addr_of_mut!(pyo3::ffi::PyMemberDescr_Type),
-            )
-        };
-        return Ok((member != 0).then(|| found.unbind()));
-    }
-    Ok(None)
+/// A field's place in the instances of one class: a `__slots__` member.
+struct Slot {
+    /// The member descriptor, kept with the offset it describes.
+    descriptor: Py<PyAny>,
+    /// Bytes from the start of the object to the field's pointer.
+    offset: isize,
 }
 
-/// `slot.__set__(object, value)`: what `object.name = value` does for a
-/// slotted name, without looking the name up.
-fn store_in_slot(
-    slot: &Bound<'_, PyAny>,
-    object: &Bound<'_, PyAny>,
-    value: Bound<'_, PyAny>,
-) -> PyResult<()> {
-    // SAFETY: a member descriptor's tp_descr_set with live objects; it
-    // returns -1 with an exception set on failure, and does not steal `value`.
-    unsafe {
-        let set = (*pyo3::ffi::Py_TYPE(slot.as_ptr())).tp_descr_set.expect("a member descriptor can be set");
-        if set(slot.as_ptr(), object.as_ptr(), value.as_ptr()) < 0 {
-            return Err(PyErr::fetch(slot.py()));
+impl Slot {
+    /// The member `cls` has for `name` (from `__slots__`), if setting the
+    /// attribute means storing into it: `cls` does not override
+    /// `__setattr__`, and the member is a plain writable object slot.
+    fn of(cls: &Bound<'_, PyType>, name: &Bound<'_, PyString>) -> PyResult<Option<Self>> {
+        let setattr = intern!(cls.py(), "__setattr__");
+        if !cls.getattr(setattr)?.is(cls.py().get_type::<PyAny>().getattr(setattr)?) {
+            return Ok(None);
+        }
+        for klass in cls.mro().iter() {
+            let Some(found) = klass.cast::<PyType>()?.getattr("__dict__")?.get_item(name).ok() else {
+                continue;
+            };
+            // SAFETY: a type check on a live object against a static type
+            // object; then reading the member definition a member descriptor
+            // points to, which lives as long as its class (`cls` or a base,
+            // kept by the layout).
+            let slot = unsafe {
+                let member_type = std::ptr::addr_of_mut!(pyo3::ffi::PyMemberDescr_Type);
+                if pyo3::ffi::PyObject_TypeCheck(found.as_ptr(), member_type) == 0 {
+                    return Ok(None);
+                }
+                let descriptor = found.as_ptr().cast::<pyo3::ffi::PyMemberDescrObject>();
+                let member = &*(*descriptor).d_member.cast::<pyo3::ffi::PyMemberDef>();
+                let plain = member.type_code == pyo3::ffi::Py_T_OBJECT_EX
+                    && member.flags & pyo3::ffi::Py_READONLY == 0;
+                plain.then_some(member.offset)
+            };
+            return Ok(slot.map(|offset| Self { descriptor: found.unbind(), offset }));
+        }
+        Ok(None)
+    }
+
+    /// `object.name = value` for an `object` just made by `new_instance`:
+    /// its slots are all still empty, so there is nothing to release.
+    fn store(&self, object: &Bound<'_, PyAny>, value: Bound<'_, PyAny>) {
+        // SAFETY: `object` is an instance of the class this slot was found
+        // for (or a base's slot, at the same offset in every subclass); the
+        // slot holds an owned reference, which `value` gives up. A slot that
+        // was already set (a field twice in a layout, which packets.py does
+        // not make) is released, not leaked.
+        unsafe {
+            let place = object.as_ptr().cast::<u8>().offset(self.offset).cast::<*mut pyo3::ffi::PyObject>();
+            let old = std::mem::replace(&mut *place, value.into_ptr());
+            pyo3::ffi::Py_XDECREF(old);
         }
     }
-    Ok(())
 }
 
 /// `object.__new__(cls)`: the instance without `__init__`, as pickle makes it
@@ -446,7 +464,7 @@ impl PyPacketLayout {
             }
             let field_label = format!("{label}.{name}");
             let name = PyString::intern(py, &name);
-            let slot = slot_of(&cls, &name)?;
+            let slot = Slot::of(&cls, &name)?;
             compiled.push(Field { name: name.unbind(), slot, label: field_label, wire, run });
         }
         let scalar_size = compiled
@@ -478,7 +496,7 @@ impl PyPacketLayout {
         visit.call(&self.class)?;
         for field in &self.fields {
             if let Some(slot) = &field.slot {
-                visit.call(slot)?;
+                visit.call(&slot.descriptor)?;
             }
             match &field.wire {
                 Wire::Struct(layout) | Wire::List { element: Element::Struct(layout), .. } => {
