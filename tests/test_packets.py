@@ -487,3 +487,69 @@ def test_a_handler_may_register_routes_while_packets_are_routed(
     peer.send(packet(4) + packet(1, Chat(text="now").encode()))
     poll_until(server, lambda: len(got) == 2)
     assert got == ["enter", "now"] and len(server) == 1
+
+
+class Nested(Packet, id=48):
+    where: Vec2
+    tags: list[str]
+    scores: Annotated[list[u16], Max(3)]
+    color: Annotated[list[u8], Fixed(3)]
+    blob: bytes
+
+
+NESTED_OK = dict(where=Vec2(x=1.0, y=2.0), tags=["a"], scores=[1], color=[1, 2, 3], blob=b"")
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (dict(where=(1.0, 2.0)), TypeError, r"Nested\.where: expected Vec2, got tuple"),
+        (dict(where=Vec2(x="s", y=0.0)), TypeError, r"Nested\.where: Vec2\.x: expected float, got str"),
+        (dict(where=Vec2(x=1e39, y=0.0)), ValueError, r"Nested\.where: Vec2\.x: 1e\+39 is too large for f32"),
+        (dict(tags=["a", 5]), TypeError, r"Nested\.tags\[1\]: expected str, got int"),
+        (dict(scores=[1, 70000]), ValueError, r"Nested\.scores\[1\]: 70000 is out of range 0\.\.65535"),
+        (dict(scores=[1, 2, 3, 4]), ValueError, r"Nested\.scores: 4 elements, over its limit of 3"),
+        (dict(color=[1, 2, 300]), ValueError, r"Nested\.color\[2\]: 300 is out of range 0\.\.255"),
+        (dict(blob="text"), TypeError, r"Nested\.blob: expected bytes, got str"),
+    ],
+)
+def test_the_engine_encoder_names_the_field_and_element_at_fault(
+    bad: dict[str, object], error: type[Exception], message: str
+) -> None:
+    packet = Nested(**{**NESTED_OK, **bad})  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        packet.encode()
+    with pytest.raises(error, match=message):
+        packet.__servercore_packet__()
+
+
+def test_bytes_fields_take_any_buffer_and_a_packet_made_without_init_says_what_is_missing() -> None:
+    assert Nested(**{**NESTED_OK, "blob": bytearray(b"ab")}).encode().endswith(b"\x02\x00ab")  # type: ignore[arg-type]
+    with pytest.raises(AttributeError, match=r"Nested\.where is not set"):
+        Nested.__new__(Nested).encode()
+    with pytest.raises(TypeError, match="expected Nested, got Chat"):
+        Nested._packet_layout.encode(Chat(text="x"))
+
+
+def test_a_sent_packet_is_encoded_by_its_layout_unless_the_class_encodes_itself(
+    start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
+) -> None:
+    class Tagged(Packet, id=49):
+        seq: u32
+
+        def encode(self) -> bytes:
+            return b"T" + struct.pack("<I", self.seq)
+
+    class Plain(Tagged, id=50):
+        pass
+
+    assert Tagged.__servercore_layout__ is None and Chat.__servercore_layout__ is Chat._packet_layout
+    server = start_server(servercore.PacketSession)
+    (peer,) = connect(server, raw_peers)
+    (session,) = server.sessions
+    session.send(Chat(text="hi"))
+    session.send(Tagged(seq=1))
+    session.send(Plain(seq=2))
+    assert peer.recv_packet() == (1, b"\x02\x00hi")
+    assert peer.recv_packet() == (49, b"T" + struct.pack("<I", 1))
+    assert peer.recv_packet() == (50, b"T" + struct.pack("<I", 2)), "the parent's own encode is inherited"

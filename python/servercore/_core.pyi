@@ -292,7 +292,11 @@ class PacketLayout:
     nested)`, kind one of scalar, fixed, str, bytes, struct, list:scalar,
     list:str, list:bytes, list:struct."""
 
-    def __new__(cls, packet_class: type, fields: list[_FieldSpec]) -> PacketLayout: ...
+    def __new__(cls, packet_class: type, fields: list[_FieldSpec], packet_id: int | None = None) -> PacketLayout: ...
+    def encode(self, packet: Any) -> bytes:
+        """The payload of `packet` (an instance of the class); TypeError or
+        ValueError naming the field if a value is not of its wire type or
+        does not fit."""
     def decode(self, payload: Buffer) -> Any:
         """The instance of the class in the whole of `payload`;
         MalformedPacket naming the field if it does not match."""

@@ -39,22 +39,23 @@ checked before anything is allocated, when encoding and when decoding.
 Without `Max`, the u16 prefix bounds it (65535), and so does the packet
 size.
 
-Each class's encoder and decoder are generated once, when the class is made,
-as straight-line Python over precompiled `struct.Struct`s (runs of
-fixed-width fields are one `unpack_from`). A payload that does not match its
-layout raises `MalformedPacket` naming the packet and the field. When a
-`Router` dispatches, this closes the session with
-`DisconnectReason.MALFORMED_PACKET`, with one log line naming the peer and
-the packet, and the handler never runs.
+Each class's layout is compiled once, when the class is made, into the
+engine (`PacketLayout`), which encodes and decodes; the class's fields are
+`__slots__`, so a packet object has no instance dict. A value that is not
+of its wire type or does not fit is a TypeError or ValueError naming the
+field. A payload that does not match its layout raises `MalformedPacket`
+naming the packet and the field. When a `Router` dispatches, this closes the
+session with `DisconnectReason.MALFORMED_PACKET`, with one log line naming
+the peer and the packet, and the handler never runs.
 
 `session.send(packet)`, `server.broadcast(packet)` and
-`room.broadcast(packet)` accept packet objects: the engine asks the object
-for `__servercore_packet__()`, which is `(id, payload)`.
+`room.broadcast(packet)` accept packet objects: the engine encodes them by
+their layout, or, for a class that writes its own `encode` or
+`__servercore_packet__()`, asks for `(id, payload)`.
 """
 
 from __future__ import annotations
 
-import struct
 import sys
 import typing
 from collections.abc import Awaitable, Callable
@@ -126,7 +127,6 @@ f32 = Annotated[float, Scalar("f", float("-inf"), float("inf"))]
 f64 = Annotated[float, Scalar("d", float("-inf"), float("inf"))]
 BOOL = Scalar("?", 0, 1)
 U16_MAX = 2**16 - 1
-COUNT = struct.Struct("<H")
 
 
 # --- layouts ------------------------------------------------------------------------
@@ -187,26 +187,8 @@ def _field(owner: type, name: str, annotation: Any) -> Field:
     )
 
 
-class _Source:
-    """Generated code, line by line."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.names: dict[str, Any] = {"COUNT": COUNT, "struct": struct, "check_scalar": _check_scalar}
-        self.counter = 0
-
-    def name(self, value: Any, prefix: str = "_k") -> str:
-        self.counter += 1
-        key = f"{prefix}{self.counter}"
-        self.names[key] = value
-        return key
-
-    def add(self, line: str, depth: int = 1) -> None:
-        self.lines.append("    " * depth + line)
-
-
 def _layout_spec(f: Field) -> tuple[str, str, str, int, int, PacketLayout | None]:
-    """A field as the engine's decoder takes it."""
+    """A field as the engine's layout takes it."""
     code = f.scalar.code if f.scalar else ""
     if f.kind == "list":
         element = f.element
@@ -218,99 +200,34 @@ def _layout_spec(f: Field) -> tuple[str, str, str, int, int, PacketLayout | None
 
 
 def _compile(cls: type[Struct], fields: list[Field]) -> None:
-    """Generates `cls._encode_into(self, out)` (Python: one `pack` per run of
-    fixed-width fields), and compiles the decoder (`PacketLayout`, in the
-    engine, which decodes a routed packet where it lies)."""
-    label = cls.__name__
-    cls._packet_layout = PacketLayout(cls, [_layout_spec(f) for f in fields])
-    cls._decode_whole = staticmethod(cls._packet_layout.decode)
-    enc = _Source()
-    run: list[Field] = []
-
-    def flush_run() -> None:
-        if not run:
-            return
-        layout = struct.Struct("<" + "".join(f"{f.count or ''}{f.scalar.code}" for f in run if f.scalar))
-        packer = enc.name(layout, "_s")
-        values = []
-        for f in run:
-            if f.kind == "fixed":
-                enc.add(f"if len(self.{f.name}) != {f.count}: raise ValueError("
-                        f"'{label}.{f.name}: ' + str(len(self.{f.name})) + ' elements, expected {f.count}')")
-                values.append(f"*self.{f.name}")
-            else:
-                values.append(f"self.{f.name}")
-        enc.add("try:")
-        enc.add(f"out += {packer}.pack({', '.join(values)})", 2)
-        enc.add("except struct.error as error:")
-        fields_checked = ", ".join(f"('{f.name}', self.{f.name}, {enc.name(f.scalar)})" for f in run
-                                   if f.kind == "scalar")
-        enc.add(f"check_scalar('{label}', [{fields_checked}]); raise ValueError('{label}: ' + str(error))", 2)
-        run.clear()
-
-    for f in fields:
-        if f.kind in ("scalar", "fixed"):
-            run.append(f)
-            continue
-        flush_run()
-        if f.kind in ("str", "bytes"):
-            if f.kind == "str":
-                enc.add(f"b = self.{f.name}.encode()")
-            else:
-                enc.add(f"b = bytes(self.{f.name})")
-            enc.add(f"if len(b) > {f.limit}: raise ValueError('{label}.{f.name}: ' + str(len(b)) + ' bytes, over its limit of {f.limit}')")
-            enc.add("out += COUNT.pack(len(b)); out += b")
-        elif f.kind == "struct":
-            enc.add(f"self.{f.name}._encode_into(out)")
-        elif f.kind == "list":
-            element = f.element
-            assert element is not None
-            enc.add(f"items = self.{f.name}")
-            enc.add(f"if len(items) > {f.limit}: raise ValueError('{label}.{f.name}: ' + str(len(items)) + ' elements, over its limit of {f.limit}')")
-            enc.add("out += COUNT.pack(len(items))")
-            if element.kind == "scalar":
-                assert element.scalar is not None
-                enc.add("try:")
-                enc.add(f"out += struct.pack('<' + str(len(items)) + '{element.scalar.code}', *items)", 2)
-                enc.add("except struct.error as error:")
-                enc.add(f"raise ValueError('{label}.{f.name}: ' + str(error)) from None", 2)
-            elif element.kind == "struct":
-                enc.add("for item in items: item._encode_into(out)")
-            else:  # str or bytes elements
-                enc.add("for item in items:")
-                enc.add("b = item.encode()" if element.kind == "str" else "b = bytes(item)", 2)
-                enc.add(f"if len(b) > {U16_MAX}: raise ValueError('{label}.{f.name}: an element of ' + str(len(b)) + ' bytes')", 2)
-                enc.add("out += COUNT.pack(len(b)); out += b", 2)
-    flush_run()
-    enc_source = "def _encode_into(self, out):\n" + "\n".join(enc.lines or ["    pass"]) + "\n"
-    enc_scope = dict(enc.names)
-    exec(compile(enc_source, f"<{label} encoder>", "exec"), enc_scope)  # noqa: S102 - our own generated code
-    cls._encode_into = enc_scope["_encode_into"]  # type: ignore[method-assign]
+    """Compiles the class's layout in the engine (`PacketLayout`: encoding,
+    and decoding a payload where it lies), and generates the keyword
+    `__init__`, unless the class (or a mixin) wrote its own of either."""
+    packet_id = cls.__dict__.get("packet_id")
+    layout = PacketLayout(cls, [_layout_spec(f) for f in fields], packet_id)
+    cls._packet_layout = layout
+    cls._decode_whole = staticmethod(layout.decode)
     if cls.__module__ == __name__:
-        return  # Packet itself: its methods stay the generic ones
+        return  # Struct and Packet themselves: their methods stay the generic ones
     if not _user_defined(cls, "__init__"):
         cls.__init__ = _compile_init(cls, [f.name for f in fields])  # type: ignore[method-assign]
-    if "packet_id" not in cls.__dict__ or _user_defined(cls, "encode") or _user_defined(cls, "__servercore_packet__"):
+    own_encoding = _user_defined(cls, "encode") or _user_defined(cls, "__servercore_packet__")
+    # The engine encodes a sent packet by this layout only if it is the
+    # class's own encoding; set on every class, so no subclass inherits it.
+    cls.__servercore_layout__ = None if own_encoding or packet_id is None else layout
+    if packet_id is None or own_encoding:
         return
-    if fields and all(f.kind == "scalar" for f in fields):
-        # One pack straight to bytes: no bytearray, no copy (encode, and the
-        # packet a send or a broadcast takes).
-        lines = [line.replace("out += ", "return ", 1) for line in enc.lines]
-        source = "def encode(self):\n" + "\n".join(lines) + "\n"
-        exec(compile(source, f"<{label} encode>", "exec"), enc_scope)  # noqa: S102
-        encode = enc_scope["encode"]
-        packet_id = cls.__dict__["packet_id"]
+    encode_payload = layout.encode
 
-        def packet(self: Any) -> tuple[int, bytes]:
-            return packet_id, encode(self)
+    def encode(self: Any) -> bytes:
+        return encode_payload(self)
 
-        encode.__servercore_generated__ = packet.__servercore_generated__ = True  # type: ignore[attr-defined]
-        cls.encode = encode  # type: ignore[attr-defined]
-        cls.__servercore_packet__ = packet  # type: ignore[attr-defined]
-    else:
-        # Not a parent's one-pack encoder, which knows only the parent's fields.
-        cls.encode = Packet.encode  # type: ignore[attr-defined]
-        cls.__servercore_packet__ = Packet.__servercore_packet__  # type: ignore[attr-defined]
+    def packet(self: Any) -> tuple[int, bytes]:
+        return packet_id, encode_payload(self)
+
+    encode.__servercore_generated__ = packet.__servercore_generated__ = True  # type: ignore[attr-defined]
+    cls.encode = encode  # type: ignore[attr-defined]
+    cls.__servercore_packet__ = packet  # type: ignore[attr-defined]
 
 
 def _user_defined(cls: type, name: str) -> bool:
@@ -360,19 +277,6 @@ def _wrong_fields(cls: type, given: dict[str, Any], extra: dict[str, Any]) -> No
     if extra:
         what.append("no field " + ", ".join(extra))
     raise TypeError(f"{cls.__name__}(): {'; '.join(what)}")
-
-
-def _check_scalar(label: str, values: list[tuple[str, Any, Scalar]]) -> None:
-    """After a failed pack: names the field whose value does not fit."""
-    for name, value, scalar in values:
-        if scalar is BOOL:
-            continue
-        kind = float if scalar.code in "fd" else int
-        if not isinstance(value, (int, float) if kind is float else int) or isinstance(value, bool) and kind is int:
-            raise TypeError(f"{label}.{name}: expected {kind.__name__}, got {type(value).__name__}")
-        if not scalar.low <= value <= scalar.high:
-            low, high = (scalar.low, scalar.high) if kind is float else (int(scalar.low), int(scalar.high))
-            raise ValueError(f"{label}.{name}: {value} is out of range {low}..{high}")
 
 
 # --- the classes --------------------------------------------------------------------
@@ -434,10 +338,8 @@ class Struct(metaclass=_Slotted):
         for name, value in values.items():
             setattr(self, name, value)
 
-    def _encode_into(self, out: bytearray) -> None:  # generated per class
-        raise NotImplementedError
-
     _packet_layout: ClassVar[PacketLayout]  # compiled per class
+    __servercore_layout__: ClassVar[PacketLayout | None]  # how the engine encodes a sent packet
     _decode_whole: ClassVar[Callable[[bytes], Any]]  # the layout's decode
 
     def __eq__(self, other: object) -> bool:
@@ -471,15 +373,12 @@ class Packet(Struct):
         super().__init_subclass__(**kwargs)
 
     def encode(self) -> bytes:
-        """The payload (without the 4-byte header)."""
-        out = bytearray()
-        self._encode_into(out)
-        return bytes(out)
+        """The payload (without the 4-byte header): TypeError or ValueError
+        naming the field if a value is not of its wire type or does not fit."""
+        return type(self)._packet_layout.encode(self)
 
     def __servercore_packet__(self) -> tuple[int, bytes]:
-        out = bytearray()
-        self._encode_into(out)
-        return self.packet_id, out  # type: ignore[return-value]
+        return self.packet_id, self.encode()
 
     @classmethod
     def decode(cls: type[P], payload: bytes) -> P:

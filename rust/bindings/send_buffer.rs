@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyInt, PyType};
 
 use super::options::{self, type_name};
+use super::packet_layout::PyPacketLayout;
 use crate::config::Framing;
 use crate::frame::{HEADER_SIZE, MAX_WIRE_PACKET_SIZE, encode_header};
 use crate::send_buffer::SendBufferPool;
@@ -146,13 +147,20 @@ pub fn with_wire_parts<R>(
 }
 
 /// A typed packet (`servercore.packets.Packet`) encodes itself: its
-/// `__servercore_packet__()` gives `(packet_id, payload)`. None for anything
-/// that is not one (an int, a buffer).
+/// `__servercore_packet__()` gives `(packet_id, payload)`, and a class whose
+/// encoding is its compiled layout is encoded by it directly. None for
+/// anything that is not a packet (an int, a buffer).
 fn typed_packet<'py>(packet: &Bound<'py, PyAny>) -> PyResult<Option<(u16, Bound<'py, PyAny>)>> {
     if packet.is_instance_of::<PyInt>() {
         return Ok(None);
     }
     let py = packet.py();
+    if let Ok(layout) = packet.get_type().getattr(pyo3::intern!(py, "__servercore_layout__"))
+        && let Ok(layout) = layout.cast::<PyPacketLayout>()
+        && let Some(packet_id) = layout.get().packet_id
+    {
+        return Ok(Some((packet_id, layout.get().encode_payload(packet)?.into_any())));
+    }
     let Ok(encode) = packet.getattr(pyo3::intern!(py, "__servercore_packet__")) else { return Ok(None) };
     let (id, payload): (Bound<'py, PyAny>, Bound<'py, PyAny>) = encode.call0()?.extract()?;
     Ok(Some((options::packet_id(&id)?, payload)))
