@@ -553,3 +553,37 @@ def test_a_sent_packet_is_encoded_by_its_layout_unless_the_class_encodes_itself(
     assert peer.recv_packet() == (1, b"\x02\x00hi")
     assert peer.recv_packet() == (49, b"T" + struct.pack("<I", 1))
     assert peer.recv_packet() == (50, b"T" + struct.pack("<I", 2)), "the parent's own encode is inherited"
+
+
+def test_classes_a_packet_cannot_be_are_refused_when_defined():
+    """What decoding could not make safely is refused at the class statement,
+    naming the class and the field."""
+    with pytest.raises(TypeError, match=r"D: a packet or struct class must be made by object\.__new__"):
+        class D(Packet, dict, id=51):  # noqa: F841 - a built-in base's memory would not be set up
+            x: u8
+    with pytest.raises(TypeError, match=r"Defaulted\.x: a field takes no value in the class body"):
+        class Defaulted(Packet, id=52):  # noqa: F841
+            x: u8 = 0
+
+
+def test_decode_takes_buffers_only_and_an_empty_packet_has_an_exact_length():
+    assert EnterGame.decode(memoryview(b"")) == EnterGame()
+    assert Chat.decode(bytearray(b"\x02\x00hi")) == Chat(text="hi")
+    with pytest.raises(MalformedPacket, match=r"EnterGame: 3 bytes, its layout has 0"):
+        EnterGame.decode(b"abc")
+    with pytest.raises(TypeError, match="bytes-like"):
+        Chat.decode(5)  # type: ignore[arg-type]
+
+
+def test_a_router_subclass_may_take_its_own_arguments_and_be_renamed():
+    class OwnedRouter(Router):
+        def __init__(self, name: str, owner: str) -> None:
+            super().__init__(name)
+            self.owner = owner
+
+    router = OwnedRouter("lobby", owner="zone 1")
+    assert (router.name, router.owner) == ("lobby", "zone 1")
+    router.name = "hall"
+    router.on(Chat)(lambda session, chat: None)
+    with pytest.raises(ValueError, match=r"hall: packet id 1 \(Chat\) already has a handler"):
+        router.on(Chat)

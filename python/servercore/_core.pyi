@@ -306,10 +306,14 @@ class RouteTable:
     """Packet ids to decoders and handlers: the engine half of
     `servercore.packets.Router`, which adds `on()`."""
 
-    def __new__(cls, name: str = ...) -> RouteTable:
-        """`name` (default "router") is the one in its messages."""
+    def __new__(cls, name: str = ..., *_args: Any, **_kwargs: Any) -> RouteTable:
+        """`name` (default "router") is the one in its messages; a subclass's
+        `__init__` may take more arguments."""
+    def __init__(self, name: str = ..., *_args: Any, **_kwargs: Any) -> None: ...
     @property
     def name(self) -> str: ...
+    @name.setter
+    def name(self, name: str) -> None: ...
     @property
     def packet_ids(self) -> frozenset[int]:
         """The ids this router handles: the server's `packet_ids`."""

@@ -40,8 +40,12 @@ Without `Max`, the u16 prefix bounds it (65535), and so does the packet
 size.
 
 Each class's layout is compiled once, when the class is made, into the
-engine (`PacketLayout`), which encodes and decodes; the class's fields are
-`__slots__`, so a packet object has no instance dict. A value that is not
+engine (`PacketLayout`), which encodes and decodes. The class's fields are
+`__slots__`, so a packet object is a plain value: it has no instance dict
+(no other attributes), no weak references, pickles with protocol 2 or
+later, and its class cannot also mix in a class with another metaclass
+(`abc.ABC`, `typing.Protocol`). A field takes no value in the class body:
+every field is given when a packet is made. A value that is not
 of its wire type or does not fit is a TypeError or ValueError naming the
 field. A payload that does not match its layout raises `MalformedPacket`
 naming the packet and the field. When a `Router` dispatches, this closes the
@@ -282,26 +286,35 @@ def _wrong_fields(cls: type, given: dict[str, Any], extra: dict[str, Any]) -> No
 # --- the classes --------------------------------------------------------------------
 
 
-def _is_class_var(annotation: Any) -> bool:
+def _is_class_var(annotation: Any, namespace: dict[str, Any]) -> bool:
     if isinstance(annotation, str):  # `from __future__ import annotations`
-        return annotation.split("[", 1)[0].strip().rpartition(".")[2] == "ClassVar"
+        module = sys.modules.get(namespace.get("__module__", ""))
+        try:
+            annotation = eval(annotation, vars(module) if module else {}, dict(namespace))  # noqa: S307
+        except Exception:  # a forward reference: typing resolves it later; read the text
+            return bool(annotation.split("[", 1)[0].strip().rpartition(".")[2] == "ClassVar")
     return annotation is ClassVar or typing.get_origin(annotation) is ClassVar
 
 
 class _Slotted(type):
     """Makes each Struct and Packet class with `__slots__` for its own fields
     (unless the class body sets `__slots__` itself): an instance has no
-    dict to build, and the engine's decoder stores each field straight into
-    its slot. A name with a value in the class body, or a ClassVar, is a
-    class attribute, not a field slot."""
+    dict to build, and the engine stores each field straight into its slot.
+    A ClassVar is a class attribute, not a field; a field may not have a
+    value in the class body (there are no defaults: every field is given)."""
 
     def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> _Slotted:
+        annotations = namespace.get("__annotations__", {})
+        fields = [field for field, annotation in annotations.items() if not _is_class_var(annotation, namespace)]
+        for field in fields:
+            if field in namespace:
+                raise TypeError(
+                    f"{name}.{field}: a field takes no value in the class body (every field is given "
+                    "when a packet is made); annotate a class constant with ClassVar"
+                )
         if "__slots__" not in namespace:
             inherited = {field for base in bases for field in getattr(base, "__fields__", ())}
-            namespace["__slots__"] = tuple(
-                field for field, annotation in namespace.get("__annotations__", {}).items()
-                if field not in namespace and field not in inherited and not _is_class_var(annotation)
-            )
+            namespace["__slots__"] = tuple(field for field in fields if field not in inherited)
         return super().__new__(mcls, name, bases, namespace, **kwargs)
 
 

@@ -11,6 +11,7 @@
 //! is `MalformedPacket` naming the packet and the field, exactly as the
 //! messages of the Python decoder this replaced (tests/test_packets.py).
 
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -646,6 +647,11 @@ impl Slot {
                     return Ok(None);
                 }
                 let descriptor = found.as_ptr().cast::<pyo3::ffi::PyMemberDescrObject>();
+                // A descriptor taken from another class (`x = Other.__dict__["x"]`)
+                // describes that class's instances, not these.
+                if pyo3::ffi::PyType_IsSubtype(cls.as_type_ptr(), (*descriptor).d_common.d_type) == 0 {
+                    return Ok(None);
+                }
                 let member = &*(*descriptor).d_member.cast::<pyo3::ffi::PyMemberDef>();
                 let plain = member.type_code == pyo3::ffi::Py_T_OBJECT_EX
                     && member.flags & pyo3::ffi::Py_READONLY == 0;
@@ -706,6 +712,15 @@ impl PyPacketLayout {
     fn new(cls: Bound<'_, PyType>, fields: Vec<FieldSpec<'_>>, packet_id: Option<u16>) -> PyResult<Self> {
         let py = cls.py();
         let label = cls.name()?.to_string();
+        // Decoding makes instances as `object.__new__(cls)` does, without its
+        // safety check: ask it once here (it refuses a class that also
+        // extends a built-in type such as dict, whose memory it would not set up).
+        py.get_type::<PyAny>().getattr(intern!(py, "__new__"))?.call1((&cls,)).map_err(|error| {
+            PyTypeError::new_err(format!(
+                "{label}: a packet or struct class must be made by object.__new__ ({})",
+                error.value(py)
+            ))
+        })?;
         let mut compiled: Vec<Field> = Vec::with_capacity(fields.len());
         for (name, kind, code, count, limit, nested) in fields {
             let layout = || {
@@ -753,8 +768,7 @@ impl PyPacketLayout {
                 Wire::Scalar(scalar) => Some(scalar.size()),
                 _ => None,
             })
-            .sum::<Option<usize>>()
-            .filter(|_| !compiled.is_empty());
+            .sum::<Option<usize>>();
         Ok(Self { class: cls.unbind(), label, fields: compiled, scalar_size, packet_id })
     }
 
@@ -764,10 +778,8 @@ impl PyPacketLayout {
         let py = payload.py();
         let result = match payload.cast::<PyBytes>() {
             Ok(bytes) => self.decode_payload(py, bytes.as_bytes()),
-            Err(_) => {
-                let bytes = py.get_type::<PyBytes>().call1((payload,))?;
-                self.decode_payload(py, bytes.cast::<PyBytes>()?.as_bytes())
-            }
+            // bytearray, memoryview: any buffer; anything else is a TypeError.
+            Err(_) => self.decode_payload(py, &PyBuffer::<u8>::get(payload)?.to_vec(py)?),
         };
         result.map_err(DecodeError::into_py_err)
     }

@@ -12,7 +12,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
-use pyo3::types::{PyBytes, PyDict, PyFrozenSet};
+use pyo3::types::{PyBytes, PyDict, PyFrozenSet, PyTuple};
+use std::sync::{Mutex, PoisonError};
 
 use super::options::type_name;
 use super::packet_layout::{DecodeError, MalformedPacket, PyPacketLayout};
@@ -50,7 +51,8 @@ impl PyRoute {
 
 #[pyclass(subclass, frozen, module = "servercore._core", name = "RouteTable")]
 pub struct PyRouteTable {
-    name: String,
+    /// Only read for messages and by `name`; settable.
+    name: Mutex<String>,
     /// packet id -> `_Route`. A dict, guarded by the interpreter like any
     /// other: a dispatch takes its entry out (one reference) and a handler
     /// may register more routes meanwhile. Measured: a Mutex here cost 15 ns
@@ -73,11 +75,11 @@ impl PyRouteTable {
         session: &Bound<'py, PyAny>,
         packet_id: u16,
         payload: &[u8],
-        reject: impl FnOnce(String),
+        reject: impl FnOnce(String) -> PyResult<()>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = session.py();
         let Some(route) = self.route(py, packet_id)? else {
-            reject(format!("packet {packet_id}: no handler in {}", self.name));
+            reject(format!("packet {packet_id}: no handler in {}", self.name()))?;
             return Ok(py.None().into_bound(py));
         };
         let route = route.get();
@@ -96,7 +98,7 @@ impl PyRouteTable {
         match decoded {
             Ok(packet) => route.handler.bind(py).call1((session, packet)),
             Err(DecodeError::Malformed(message)) => {
-                reject(format!("{} (id {packet_id}): {message}", route.label));
+                reject(format!("{} (id {packet_id}): {message}", route.label))?;
                 Ok(py.None().into_bound(py))
             }
             Err(DecodeError::Python(error)) => Err(error),
@@ -116,6 +118,7 @@ pub fn route<'py>(
     let table = router.cast::<PyRouteTable>().map_err(|_| not_a_router(session, &router))?;
     table.get().route_packet(session, packet_id, payload, |detail| {
         handle.close_with_detail(DisconnectReason::MalformedPacket, detail);
+        Ok(())
     })
 }
 
@@ -129,16 +132,32 @@ fn not_a_router(session: &Bound<'_, PyAny>, router: &Bound<'_, PyAny>) -> PyErr 
 
 #[pymethods]
 impl PyRouteTable {
+    /// `Router(name="router")`. A subclass's `__init__` may take more
+    /// arguments; the name is the first.
     #[new]
-    #[pyo3(signature = (name = "router".to_owned()))]
-    fn new(py: Python<'_>, name: String) -> Self {
-        Self { name, routes: PyDict::new(py).unbind() }
+    #[pyo3(signature = (name = "router".to_owned(), *_args, **_kwargs))]
+    fn new(
+        py: Python<'_>,
+        name: String,
+        _args: &Bound<'_, PyTuple>,
+        _kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> Self {
+        Self { name: Mutex::new(name), routes: PyDict::new(py).unbind() }
     }
+
+    /// Lets a subclass's `__init__` call `super().__init__(name, ...)`.
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn __init__(&self, _args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) {}
 
     /// The name in messages ("lobby: packet id 1 (Chat) already has a handler").
     #[getter]
-    fn name(&self) -> &str {
-        &self.name
+    fn name(&self) -> String {
+        self.name.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    #[setter]
+    fn set_name(&self, name: String) {
+        *self.name.lock().unwrap_or_else(PoisonError::into_inner) = name;
     }
 
     /// The ids this router handles: the server's `packet_ids`.
@@ -152,7 +171,7 @@ impl PyRouteTable {
         match self.route(py, packet_id)? {
             Some(route) => Err(PyValueError::new_err(format!(
                 "{}: packet id {packet_id} ({label}) already has a handler ({})",
-                self.name,
+                self.name(),
                 route.get().label
             ))),
             None => Ok(()),
@@ -188,9 +207,11 @@ impl PyRouteTable {
         packet_id: u16,
         payload: &Bound<'py, PyBytes>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let handle = session.get().handle_arc()?;
         self.route_packet(session.as_any(), packet_id, payload.as_bytes(), |detail| {
-            handle.close_with_detail(DisconnectReason::MalformedPacket, detail);
+            // Only a rejection needs the connection: a session object made
+            // outside a server may still dispatch good packets (in a test).
+            session.get().handle_arc()?.close_with_detail(DisconnectReason::MalformedPacket, detail);
+            Ok(())
         })
     }
 
