@@ -558,7 +558,7 @@ def test_a_sent_packet_is_encoded_by_its_layout_unless_the_class_encodes_itself(
 def test_classes_a_packet_cannot_be_are_refused_when_defined():
     """What decoding could not make safely is refused at the class statement,
     naming the class and the field."""
-    with pytest.raises(TypeError, match=r"D: a packet or struct class must be made by object\.__new__"):
+    with pytest.raises(TypeError, match=r"D: a packet or struct class cannot also extend dict"):
         class D(Packet, dict, id=51):  # noqa: F841 - a built-in base's memory would not be set up
             x: u8
     with pytest.raises(TypeError, match=r"Defaulted\.x: a field takes no value in the class body"):
@@ -577,13 +577,109 @@ def test_decode_takes_buffers_only_and_an_empty_packet_has_an_exact_length():
 
 def test_a_router_subclass_may_take_its_own_arguments_and_be_renamed():
     class OwnedRouter(Router):
-        def __init__(self, name: str, owner: str) -> None:
+        def __init__(self, owner: object, name: str = "owned") -> None:
             super().__init__(name)
             self.owner = owner
 
-    router = OwnedRouter("lobby", owner="zone 1")
-    assert (router.name, router.owner) == ("lobby", "zone 1")
+    class Lobby(Router):
+        def __init__(self) -> None:
+            super().__init__("lobby")
+
+    zone = object()
+    router = OwnedRouter(zone, name="lobby")
+    assert (router.name, router.owner) == ("lobby", zone)
+    assert (OwnedRouter(zone).name, Lobby().name, Router().name) == ("owned", "lobby", "router")
+    with pytest.raises(TypeError, match="nmae"):
+        Router(nmae="x")  # type: ignore[call-arg]
     router.name = "hall"
     router.on(Chat)(lambda session, chat: None)
     with pytest.raises(ValueError, match=r"hall: packet id 1 \(Chat\) already has a handler"):
         router.on(Chat)
+
+
+def test_the_encoder_trusts_an_objects_real_type_not_its_claimed_class():
+    """isinstance() believes a `__class__` that lies (Mock(spec=...)); the
+    encoder reads fields at the class's slot offsets, so it checks the real
+    type, and a subclass's own attribute hooks are honoured."""
+    from unittest.mock import Mock
+
+    with pytest.raises(TypeError, match=r"Move\.to: expected Vec2, got Mock"):
+        Move(to=Mock(spec=Vec2), seq=1).encode()  # type: ignore[arg-type]
+
+    class Scaled(Vec2):
+        @property  # type: ignore[misc]
+        def x(self) -> float:  # a subclass may compute a field
+            return 8.0
+
+    scaled = Vec2.__new__(Scaled)
+    scaled.y = 2.0
+    assert Move(to=scaled, seq=1).encode() == struct.pack("<ffI", 8.0, 2.0, 1)
+
+    class Shown(Packet, id=53):
+        seq: u8
+
+        def __getattribute__(self, name: str) -> object:
+            return 9 if name == "seq" else super().__getattribute__(name)
+
+    assert Shown(seq=1).encode() == b"\x09"
+
+
+def test_a_list_that_changes_while_encoded_is_refused_not_sent_with_a_wrong_count():
+    class Growing:
+        def __init__(self, items: list[object]) -> None:
+            self.items = items
+
+        def __index__(self) -> int:
+            self.items.append(1)
+            return 1
+
+    class Liar(list):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 1
+
+    items: list[object] = []
+    items += [Growing(items), 2]
+    with pytest.raises(ValueError, match=r"Everything\.scores: changed while being encoded: len\(\) was 2"):
+        Everything(**{**fields_of(EVERYTHING), "scores": items}).encode()
+    with pytest.raises(ValueError, match=r"Everything\.scores: changed while being encoded: len\(\) was 1"):
+        Everything(**{**fields_of(EVERYTHING), "scores": Liar([1, 2, 3])}).encode()
+
+
+def test_encoding_errors_name_the_field_and_keep_the_applications_own():
+    class Boom:
+        def __index__(self) -> int:
+            raise RuntimeError("boom")
+
+    def everything(**changed: object) -> Everything:
+        return Everything(**{**fields_of(EVERYTHING), **changed})  # type: ignore[arg-type]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        everything(small=Boom()).encode()
+    with pytest.raises(ValueError, match=r"Everything\.double: 1797693134862315907729\d*\.\.\. \(309 characters\) is too large for f64"):
+        everything(double=2**1024).encode()
+    with pytest.raises(TypeError, match=r"Everything\.blob: expected bytes, got int"):
+        everything(blob=3).encode()
+    with pytest.raises(TypeError, match=r"Everything\.scores: expected a list, got int"):
+        everything(scores=5).encode()
+    assert everything(blob=memoryview(b"ab")).encode() == everything(blob=b"ab").encode()
+
+
+def test_a_class_with_its_own_python_new_still_decodes_and_defining_one_makes_no_instance():
+    made: list[str] = []
+
+    class Tracked(Packet, id=54):
+        seq: u8
+
+        def __new__(cls, *args: object, **kwargs: object) -> Tracked:
+            made.append("new")
+            return super().__new__(cls)
+
+        def __del__(self) -> None:
+            made.append("del")
+
+    assert made == [], "defining the class made an instance"
+    assert Tracked.decode(b"\x05").seq == 5  # as pickle does: __new__ is not called
+
+
+def fields_of(packet: Struct) -> dict[str, object]:
+    return {name: getattr(packet, name) for name in type(packet).__fields__}

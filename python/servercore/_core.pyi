@@ -306,10 +306,10 @@ class RouteTable:
     """Packet ids to decoders and handlers: the engine half of
     `servercore.packets.Router`, which adds `on()`."""
 
-    def __new__(cls, name: str = ..., *_args: Any, **_kwargs: Any) -> RouteTable:
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> RouteTable: ...
+    def __init__(self, name: str = ...) -> None:
         """`name` (default "router") is the one in its messages; a subclass's
-        `__init__` may take more arguments."""
-    def __init__(self, name: str = ..., *_args: Any, **_kwargs: Any) -> None: ...
+        `__init__` calls `super().__init__(name)`."""
     @property
     def name(self) -> str: ...
     @name.setter

@@ -8,6 +8,7 @@
 //! - [`dispatcher`]: engine events turned into callbacks inside `poll()`.
 //! - [`scheduler`]: timers and posted calls, run by the polling thread with the callbacks.
 //! - [`packet_layout`]: a typed packet class's wire layout, and its decoder.
+//! - [`packet_encode`]: a typed packet encoded by its layout.
 //! - [`router`]: packet ids to handlers; routed sessions are dispatched without a Python frame.
 //! - [`room`]: `Room`, a group of sessions to broadcast to.
 //! - [`bus`]: `Bus`, a server's link to its cluster over Redis.
@@ -17,6 +18,7 @@ mod bus;
 mod dispatcher;
 mod logging;
 mod options;
+mod packet_encode;
 mod packet_layout;
 mod room;
 mod router;

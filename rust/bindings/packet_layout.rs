@@ -10,15 +10,14 @@
 //! declared limit, before anything is allocated. A payload that does not match
 //! is `MalformedPacket` naming the packet and the field, exactly as the
 //! messages of the Python decoder this replaced (tests/test_packets.py).
+//! Encoding by the same layout is [`super::packet_encode`].
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
-use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple, PyType};
-
-use super::options::type_name;
+use pyo3::types::{PyBool, PyBytes, PyList, PyString, PyTuple, PyType};
 
 pyo3::create_exception!(
     servercore.packets,
@@ -29,7 +28,7 @@ pyo3::create_exception!(
 
 /// A fixed-width number on the wire (its `struct` code on the Python side).
 #[derive(Clone, Copy)]
-enum Scalar {
+pub(super) enum Scalar {
     U8,
     U16,
     U32,
@@ -61,7 +60,7 @@ impl Scalar {
         })
     }
 
-    fn size(self) -> usize {
+    pub(super) fn size(self) -> usize {
         match self {
             Self::U8 | Self::I8 | Self::Bool => 1,
             Self::U16 | Self::I16 => 2,
@@ -92,82 +91,8 @@ impl Scalar {
     }
 }
 
-impl Scalar {
-    /// Appends `value` as this scalar, or says what is wrong with it (the
-    /// caller prefixes the field's label).
-    fn write(self, value: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        fn int<T: for<'a, 'py> FromPyObject<'a, 'py> + ToBytes>(
-            value: &Bound<'_, PyAny>,
-            low: i128,
-            high: i128,
-            out: &mut Vec<u8>,
-        ) -> Result<(), EncodeError> {
-            // bool is an int to struct too; a float is not.
-            if !value.is_instance_of::<PyInt>() && value.getattr(intern!(value.py(), "__index__")).is_err() {
-                return Err(EncodeError::Type(format!("expected int, got {}", type_name(value))));
-            }
-            match value.extract::<T>() {
-                Ok(number) => {
-                    number.put(out);
-                    Ok(())
-                }
-                Err(_) => Err(EncodeError::Value(format!("{} is out of range {low}..{high}", value))),
-            }
-        }
-        match self {
-            Self::U8 => int::<u8>(value, 0, u8::MAX.into(), out),
-            Self::U16 => int::<u16>(value, 0, u16::MAX.into(), out),
-            Self::U32 => int::<u32>(value, 0, u32::MAX.into(), out),
-            Self::U64 => int::<u64>(value, 0, u64::MAX.into(), out),
-            Self::I8 => int::<i8>(value, i8::MIN.into(), i8::MAX.into(), out),
-            Self::I16 => int::<i16>(value, i16::MIN.into(), i16::MAX.into(), out),
-            Self::I32 => int::<i32>(value, i32::MIN.into(), i32::MAX.into(), out),
-            Self::I64 => int::<i64>(value, i64::MIN.into(), i64::MAX.into(), out),
-            Self::F32 | Self::F64 => {
-                let number = value
-                    .extract::<f64>()
-                    .map_err(|_| EncodeError::Type(format!("expected float, got {}", type_name(value))))?;
-                if matches!(self, Self::F64) {
-                    out.extend_from_slice(&number.to_le_bytes());
-                    return Ok(());
-                }
-                // As struct's 'f': rounded to the nearest f32; only a finite
-                // number that rounds to infinity does not fit.
-                let single = number as f32;
-                if single.is_infinite() && number.is_finite() {
-                    return Err(EncodeError::Value(format!("{value} is too large for f32")));
-                }
-                out.extend_from_slice(&single.to_le_bytes());
-                Ok(())
-            }
-            // As struct's '?': the truth of any object.
-            Self::Bool => {
-                out.push(u8::from(value.is_truthy()?));
-                Ok(())
-            }
-        }
-    }
-}
-
-/// A number's little-endian bytes.
-trait ToBytes {
-    fn put(self, out: &mut Vec<u8>);
-}
-
-macro_rules! to_bytes {
-    ($($t:ty),*) => {$(
-        impl ToBytes for $t {
-            fn put(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-        }
-    )*};
-}
-
-to_bytes!(u8, u16, u32, u64, i8, i16, i32, i64);
-
 /// How one field is laid out.
-enum Wire {
+pub(super) enum Wire {
     Scalar(Scalar),
     /// Exactly `count` numbers, no count on the wire; decoded as a list.
     Fixed(Scalar, usize),
@@ -188,22 +113,22 @@ enum Wire {
     Struct(Py<PyPacketLayout>),
 }
 
-enum Element {
+pub(super) enum Element {
     Scalar(Scalar),
     Str,
     Bytes,
     Struct(Py<PyPacketLayout>),
 }
 
-struct Field {
-    name: Py<PyString>,
+pub(super) struct Field {
+    pub(super) name: Py<PyString>,
     /// Where the class keeps this field in its instances (from
-    /// `__slots__`), when a store may go straight there: the class keeps
-    /// object's `__setattr__`.
-    slot: Option<Slot>,
+    /// `__slots__`), when a load or a store may go straight there: the class
+    /// keeps object's `__setattr__` and `__getattribute__`.
+    pub(super) slot: Option<Slot>,
     /// `Class.field`, the start of every message about it.
-    label: String,
-    wire: Wire,
+    pub(super) label: String,
+    pub(super) wire: Wire,
     /// The bytes of the run of fixed-width fields this field begins (checked
     /// once for the run, as one `unpack_from` would), or 0.
     run: usize,
@@ -240,44 +165,6 @@ impl DecodeError {
 
 type Decoded<'py> = Result<Bound<'py, PyAny>, DecodeError>;
 
-/// Why an object could not be encoded: a value of the wrong type, one that
-/// does not fit, or a Python error on the way. Raised as TypeError or
-/// ValueError with the field's label in front.
-pub enum EncodeError {
-    Type(String),
-    Value(String),
-    Python(PyErr),
-}
-
-impl From<PyErr> for EncodeError {
-    fn from(error: PyErr) -> Self {
-        Self::Python(error)
-    }
-}
-
-impl EncodeError {
-    /// The message with what it is about in front: `Chat.text: ...`, or an
-    /// element's index (`[2]`) joined without a colon (`Chat.tags[2]: ...`).
-    fn within(self, label: impl std::fmt::Display) -> Self {
-        let join = |message: String| {
-            if message.starts_with('[') { format!("{label}{message}") } else { format!("{label}: {message}") }
-        };
-        match self {
-            Self::Type(message) => Self::Type(join(message)),
-            Self::Value(message) => Self::Value(join(message)),
-            python => python,
-        }
-    }
-
-    pub fn into_py_err(self) -> PyErr {
-        match self {
-            Self::Type(message) => PyTypeError::new_err(message),
-            Self::Value(message) => PyValueError::new_err(message),
-            Self::Python(error) => error,
-        }
-    }
-}
-
 /// Bytes being read from the front.
 struct Reader<'a> {
     data: &'a [u8],
@@ -309,9 +196,9 @@ impl<'a> Reader<'a> {
 /// `broadcast` encode such a packet here, without calling Python.
 #[pyclass(frozen, module = "servercore._core", name = "PacketLayout")]
 pub struct PyPacketLayout {
-    class: Py<PyType>,
-    label: String,
-    fields: Vec<Field>,
+    pub(super) class: Py<PyType>,
+    pub(super) label: String,
+    pub(super) fields: Vec<Field>,
     /// Every field is a scalar: a payload is exactly this long.
     scalar_size: Option<usize>,
     /// A packet class's id (None for a struct's layout).
@@ -361,101 +248,7 @@ impl PyPacketLayout {
     }
 }
 
-impl PyPacketLayout {
-    /// Appends `object`'s fields, in wire order.
-    pub fn encode_into(&self, object: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        for field in &self.fields {
-            let value = field.value_of(object)?;
-            field.encode(&value, out).map_err(|e| e.within(&field.label))?;
-        }
-        Ok(())
-    }
-
-    /// `object` as a payload.
-    pub fn encode_payload<'py>(&self, object: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-        // Fields are read at their slots' offsets: only an instance will do.
-        if !object.is_instance(self.class.bind(object.py()))? {
-            return Err(PyTypeError::new_err(format!("expected {}, got {}", self.label, type_name(object))));
-        }
-        let mut out = Vec::with_capacity(64);
-        self.encode_into(object, &mut out).map_err(EncodeError::into_py_err)?;
-        Ok(PyBytes::new(object.py(), &out))
-    }
-
-    fn class_name(&self) -> &str {
-        &self.label
-    }
-}
-
 impl Field {
-    /// The field's value on `object`, an instance of the layout's class: its
-    /// slot, or the attribute.
-    fn value_of<'py>(&self, object: &Bound<'py, PyAny>) -> Result<Bound<'py, PyAny>, EncodeError> {
-        if let Some(slot) = &self.slot
-            && let Some(value) = slot.load(object)
-        {
-            return Ok(value);
-        }
-        object.getattr(self.name.bind(object.py())).map_err(|error| {
-            if error.is_instance_of::<pyo3::exceptions::PyAttributeError>(object.py()) {
-                EncodeError::Python(pyo3::exceptions::PyAttributeError::new_err(format!(
-                    "{} is not set (an object made without its __init__?)",
-                    self.label
-                )))
-            } else {
-                EncodeError::Python(error)
-            }
-        })
-    }
-
-    /// Appends `value` as this field (errors without the label).
-    fn encode(&self, value: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        match &self.wire {
-            Wire::Scalar(scalar) => scalar.write(value, out),
-            Wire::Fixed(scalar, count) => {
-                let n = value.len()?;
-                if n != *count {
-                    return Err(EncodeError::Value(format!("{n} elements, expected {count}")));
-                }
-                write_scalars(*scalar, value, out)
-            }
-            Wire::Str { limit } => write_sized(text_bytes(value)?, *limit, out),
-            Wire::Bytes { limit } => write_sized(bytes_of(value)?.as_bytes(), *limit, out),
-            Wire::Struct(layout) => encode_struct(layout.get(), value, out),
-            Wire::List { element, limit } => {
-                let n = value.len()?;
-                if n > *limit {
-                    return Err(EncodeError::Value(format!("{n} elements, over its limit of {limit}")));
-                }
-                out.extend_from_slice(&(n as u16).to_le_bytes());
-                match element {
-                    Element::Scalar(scalar) => write_scalars(*scalar, value, out),
-                    Element::Struct(layout) => {
-                        for (index, item) in value.try_iter()?.enumerate() {
-                            encode_struct(layout.get(), &item?, out)
-                                .map_err(|e| e.within(format_args!("[{index}]")))?;
-                        }
-                        Ok(())
-                    }
-                    Element::Str | Element::Bytes => {
-                        for (index, item) in value.try_iter()?.enumerate() {
-                            let item = item?;
-                            let written = match element {
-                                Element::Str => {
-                                    text_bytes(&item).and_then(|b| write_sized(b, ELEMENT_LIMIT, out))
-                                }
-                                _ => bytes_of(&item)
-                                    .and_then(|b| write_sized(b.as_bytes(), ELEMENT_LIMIT, out)),
-                            };
-                            written.map_err(|e| e.within(format_args!("[{index}]")))?;
-                        }
-                        Ok(())
-                    }
-                }
-            }
-        }
-    }
-
     fn decode<'py>(&self, py: Python<'py>, reader: &mut Reader<'_>) -> Decoded<'py> {
         let label = &self.label;
         // The run was checked as a whole: this only fails on a bug.
@@ -560,64 +353,8 @@ fn scalars<'py>(py: Python<'py>, scalar: Scalar, bytes: &[u8]) -> Decoded<'py> {
     Ok(PyList::new(py, values)?.into_any())
 }
 
-/// The longest str or bytes element of a list: its u16 length.
-const ELEMENT_LIMIT: usize = u16::MAX as usize;
-
-/// Each element of `values` as `scalar`; a bad one is named by its index.
-fn write_scalars(scalar: Scalar, values: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    for (index, item) in values.try_iter()?.enumerate() {
-        scalar.write(&item?, out).map_err(|e| e.within(format_args!("[{index}]")))?;
-    }
-    Ok(())
-}
-
-/// A u16 byte count, then the bytes; refused past `limit`.
-fn write_sized(bytes: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    if bytes.len() > limit {
-        return Err(EncodeError::Value(format!("{} bytes, over its limit of {limit}", bytes.len())));
-    }
-    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
-    out.extend_from_slice(bytes);
-    Ok(())
-}
-
-/// A str's UTF-8.
-fn text_bytes<'a>(value: &'a Bound<'_, PyAny>) -> Result<&'a [u8], EncodeError> {
-    let text = value
-        .cast::<PyString>()
-        .map_err(|_| EncodeError::Type(format!("expected str, got {}", type_name(value))))?;
-    // A lone surrogate has no UTF-8.
-    let encoded = text.to_str().map_err(|error| EncodeError::Value(error.value(value.py()).to_string()))?;
-    Ok(encoded.as_bytes())
-}
-
-/// `value` as `bytes(value)` makes it (bytes as they are; bytearray,
-/// memoryview, any buffer copied).
-fn bytes_of<'py>(value: &Bound<'py, PyAny>) -> Result<Bound<'py, PyBytes>, EncodeError> {
-    if let Ok(bytes) = value.cast::<PyBytes>() {
-        return Ok(bytes.clone());
-    }
-    if value.is_instance_of::<PyString>() {
-        return Err(EncodeError::Type("expected bytes, got str".to_owned()));
-    }
-    let made = value.py().get_type::<PyBytes>().call1((value,))?;
-    Ok(made.cast_into::<PyBytes>().map_err(PyErr::from)?)
-}
-
-/// A nested struct's fields, by the declared struct's layout.
-fn encode_struct(
-    layout: &PyPacketLayout,
-    value: &Bound<'_, PyAny>,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
-    if !value.is_instance(layout.class.bind(value.py()))? {
-        return Err(EncodeError::Type(format!("expected {}, got {}", layout.class_name(), type_name(value))));
-    }
-    layout.encode_into(value, out)
-}
-
 /// A field's place in the instances of one class: a `__slots__` member.
-struct Slot {
+pub(super) struct Slot {
     /// The member descriptor, kept with the offset it describes.
     descriptor: Py<PyAny>,
     /// Bytes from the start of the object to the field's pointer.
@@ -627,11 +364,15 @@ struct Slot {
 impl Slot {
     /// The member `cls` has for `name` (from `__slots__`), if setting the
     /// attribute means storing into it: `cls` does not override
-    /// `__setattr__`, and the member is a plain writable object slot.
+    /// `__setattr__` or `__getattribute__`, and the member is a plain
+    /// writable object slot.
     fn of(cls: &Bound<'_, PyType>, name: &Bound<'_, PyString>) -> PyResult<Option<Self>> {
-        let setattr = intern!(cls.py(), "__setattr__");
-        if !cls.getattr(setattr)?.is(cls.py().get_type::<PyAny>().getattr(setattr)?) {
-            return Ok(None);
+        // A class's own __setattr__ or __getattribute__ must be asked instead.
+        let object = cls.py().get_type::<PyAny>();
+        for hook in [intern!(cls.py(), "__setattr__"), intern!(cls.py(), "__getattribute__")] {
+            if !cls.getattr(hook)?.is(object.getattr(hook)?) {
+                return Ok(None);
+            }
         }
         for klass in cls.mro().iter() {
             let Some(found) = klass.cast::<PyType>()?.getattr("__dict__")?.get_item(name).ok() else {
@@ -664,7 +405,7 @@ impl Slot {
 
     /// `object.name`, for an instance of the class the slot was found for;
     /// None if the slot is empty (never set: `getattr` says so).
-    fn load<'py>(&self, object: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    pub(super) fn load<'py>(&self, object: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
         // SAFETY: as for `store`; the slot holds an owned reference or NULL,
         // and the new reference taken here is the returned Bound's.
         unsafe {
@@ -705,6 +446,46 @@ fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
+/// The base class, if any, whose C-level `__new__` instances of `cls` need
+/// (dict, a PyO3 class): `object.__new__(cls)` would refuse them, and the
+/// decoder, which makes instances as it does without its check, must not
+/// make them. A `__new__` written in Python is skipped, as pickle skips it,
+/// down to the C-level one it ends in (CPython's own rule in tp_new_wrapper).
+fn base_with_its_own_new(cls: &Bound<'_, PyType>) -> PyResult<Option<String>> {
+    let py = cls.py();
+    // SAFETY: reading type slots of live type objects; `tp_base` of a type
+    // is NULL or a type kept alive by it.
+    unsafe {
+        let object_new =
+            (*std::ptr::addr_of!(pyo3::ffi::PyBaseObject_Type)).tp_new.expect("object has tp_new");
+        let mut ty = cls.as_type_ptr();
+        while !ty.is_null() {
+            let Some(tp_new) = (*ty).tp_new else { return Ok(None) };
+            if std::ptr::fn_addr_eq(tp_new, object_new) {
+                return Ok(None);
+            }
+            let klass =
+                Bound::from_borrowed_ptr(py, ty.cast::<pyo3::ffi::PyObject>()).cast_into::<PyType>()?;
+            let heap = (*ty).tp_flags & pyo3::ffi::Py_TPFLAGS_HEAPTYPE != 0;
+            let python_new = klass.getattr(intern!(py, "__dict__"))?.get_item(intern!(py, "__new__")).ok();
+            let written_in_python =
+                python_new.is_some_and(|new| new.hasattr(intern!(py, "__func__")).unwrap_or(false));
+            if !(heap && written_in_python) {
+                // Name the class that wrote that `__new__` (dict), not the
+                // one that inherited it.
+                for owner in cls.mro().iter() {
+                    if owner.getattr(intern!(py, "__dict__"))?.contains(intern!(py, "__new__"))? {
+                        return Ok(Some(owner.cast::<PyType>()?.qualname()?.to_string()));
+                    }
+                }
+                return Ok(Some(klass.qualname()?.to_string()));
+            }
+            ty = (*ty).tp_base;
+        }
+    }
+    Ok(None)
+}
+
 #[pymethods]
 impl PyPacketLayout {
     #[new]
@@ -712,15 +493,12 @@ impl PyPacketLayout {
     fn new(cls: Bound<'_, PyType>, fields: Vec<FieldSpec<'_>>, packet_id: Option<u16>) -> PyResult<Self> {
         let py = cls.py();
         let label = cls.name()?.to_string();
-        // Decoding makes instances as `object.__new__(cls)` does, without its
-        // safety check: ask it once here (it refuses a class that also
-        // extends a built-in type such as dict, whose memory it would not set up).
-        py.get_type::<PyAny>().getattr(intern!(py, "__new__"))?.call1((&cls,)).map_err(|error| {
-            PyTypeError::new_err(format!(
-                "{label}: a packet or struct class must be made by object.__new__ ({})",
-                error.value(py)
-            ))
-        })?;
+        if let Some(base) = base_with_its_own_new(&cls)? {
+            return Err(PyTypeError::new_err(format!(
+                "{label}: a packet or struct class cannot also extend {base}, which makes its instances \
+                 itself (the decoder makes them as object.__new__ does)"
+            )));
+        }
         let mut compiled: Vec<Field> = Vec::with_capacity(fields.len());
         for (name, kind, code, count, limit, nested) in fields {
             let layout = || {

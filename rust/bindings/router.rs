@@ -132,22 +132,20 @@ fn not_a_router(session: &Bound<'_, PyAny>, router: &Bound<'_, PyAny>) -> PyErr 
 
 #[pymethods]
 impl PyRouteTable {
-    /// `Router(name="router")`. A subclass's `__init__` may take more
-    /// arguments; the name is the first.
+    /// The table, nameless until `__init__`: a subclass's `__new__`
+    /// arguments are its own.
     #[new]
-    #[pyo3(signature = (name = "router".to_owned(), *_args, **_kwargs))]
-    fn new(
-        py: Python<'_>,
-        name: String,
-        _args: &Bound<'_, PyTuple>,
-        _kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> Self {
-        Self { name: Mutex::new(name), routes: PyDict::new(py).unbind() }
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(py: Python<'_>, _args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        Self { name: Mutex::new("router".to_owned()), routes: PyDict::new(py).unbind() }
     }
 
-    /// Lets a subclass's `__init__` call `super().__init__(name, ...)`.
-    #[pyo3(signature = (*_args, **_kwargs))]
-    fn __init__(&self, _args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) {}
+    /// `Router(name="router")`; a subclass's `__init__` calls
+    /// `super().__init__(name)`.
+    #[pyo3(signature = (name = "router".to_owned()))]
+    fn __init__(&self, name: String) {
+        self.set_name(name);
+    }
 
     /// The name in messages ("lobby: packet id 1 (Chat) already has a handler").
     #[getter]

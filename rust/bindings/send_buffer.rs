@@ -247,7 +247,8 @@ fn raw_from_args(data: &Bound<'_, PyAny>, payload: Option<&Bound<'_, PyAny>>) ->
 }
 
 /// Runs `f` over the bytes of any bytes-like object without copying them first.
-fn with_payload<R>(payload: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
+/// `f` must not run Python code (a bytearray could be resized under it).
+pub(super) fn with_payload<R>(payload: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
     if let Ok(bytes) = payload.cast::<PyBytes>() {
         return Ok(f(bytes.as_bytes()));
     }
