@@ -378,8 +378,9 @@ def test_a_packet_class_may_write_its_own_constructor_and_encoder():
 
 
 def test_packet_objects_keep_their_fields_in_slots():
-    """A packet has no instance dict: its fields are slots, which the
-    engine's decoder fills directly (rust/bindings/packet_layout.rs)."""
+    """A packet has no instance dict: its fields are slots (which the
+    engine's decoder fills, rust/bindings/packet_layout.rs), and a class's
+    own __setattr__ is still honoured when it decodes."""
     move = Move.decode(Move(to=Vec2(x=1.0, y=2.0), seq=3).encode())
     assert Move.__slots__ == ("to", "seq") and Vec2.__slots__ == ("x", "y")
     assert not hasattr(move, "__dict__")
@@ -466,7 +467,7 @@ def test_a_handler_may_register_routes_while_packets_are_routed(
     start_server: Callable[..., Server], raw_peers: Callable[..., RawPeer]
 ) -> None:
     """Routes are only added; a handler adding one mid-dispatch sees it used
-    for the very next packet of the same read."""
+    for the session's next packet (sent in the same segment)."""
     router = Router("growing")
     got: list[object] = []
 

@@ -210,7 +210,6 @@ def _compile(cls: type[Struct], fields: list[Field]) -> None:
     packet_id = cls.__dict__.get("packet_id")
     layout = PacketLayout(cls, [_layout_spec(f) for f in fields], packet_id)
     cls._packet_layout = layout
-    cls._decode_whole = staticmethod(layout.decode)
     if cls.__module__ == __name__:
         return  # Struct and Packet themselves: their methods stay the generic ones
     if not _user_defined(cls, "__init__"):
@@ -353,7 +352,6 @@ class Struct(metaclass=_Slotted):
 
     _packet_layout: ClassVar[PacketLayout]  # compiled per class
     __servercore_layout__: ClassVar[PacketLayout | None]  # how the engine encodes a sent packet
-    _decode_whole: ClassVar[Callable[[bytes], Any]]  # the layout's decode
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -396,7 +394,7 @@ class Packet(Struct):
     @classmethod
     def decode(cls: type[P], payload: bytes) -> P:
         """The packet in `payload`; MalformedPacket if it does not match the layout."""
-        return cls._decode_whole(payload)  # type: ignore[no-any-return]
+        return cls._packet_layout.decode(payload)  # type: ignore[no-any-return]
 
 
 _BASES.add(Packet)

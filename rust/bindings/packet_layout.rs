@@ -362,18 +362,22 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    /// The member `cls` has for `name` (from `__slots__`), if setting the
-    /// attribute means storing into it: `cls` does not override
-    /// `__setattr__` or `__getattribute__`, and the member is a plain
-    /// writable object slot.
-    fn of(cls: &Bound<'_, PyType>, name: &Bound<'_, PyString>) -> PyResult<Option<Self>> {
-        // A class's own __setattr__ or __getattribute__ must be asked instead.
+    /// Whether `cls` keeps object's `__setattr__` and `__getattribute__`, so
+    /// that its slots may be loaded and stored directly; a class's own hook
+    /// must be asked instead.
+    fn usable(cls: &Bound<'_, PyType>) -> PyResult<bool> {
         let object = cls.py().get_type::<PyAny>();
         for hook in [intern!(cls.py(), "__setattr__"), intern!(cls.py(), "__getattribute__")] {
             if !cls.getattr(hook)?.is(object.getattr(hook)?) {
-                return Ok(None);
+                return Ok(false);
             }
         }
+        Ok(true)
+    }
+
+    /// The member `cls` has for `name` (from `__slots__`), if it is a plain
+    /// writable object slot that applies to `cls`.
+    fn of(cls: &Bound<'_, PyType>, name: &Bound<'_, PyString>) -> PyResult<Option<Self>> {
         for klass in cls.mro().iter() {
             let Some(found) = klass.cast::<PyType>()?.getattr("__dict__")?.get_item(name).ok() else {
                 continue;
@@ -471,14 +475,16 @@ fn base_with_its_own_new(cls: &Bound<'_, PyType>) -> PyResult<Option<String>> {
             let written_in_python =
                 python_new.is_some_and(|new| new.hasattr(intern!(py, "__func__")).unwrap_or(false));
             if !(heap && written_in_python) {
-                // Name the class that wrote that `__new__` (dict), not the
-                // one that inherited it.
-                for owner in cls.mro().iter() {
-                    if owner.getattr(intern!(py, "__dict__"))?.contains(intern!(py, "__new__"))? {
-                        return Ok(Some(owner.cast::<PyType>()?.qualname()?.to_string()));
-                    }
-                }
-                return Ok(Some(klass.qualname()?.to_string()));
+                // Name the class that wrote that C-level `__new__` (dict),
+                // not one that inherited it.
+                let owner = klass.mro().iter().find(|owner| {
+                    owner
+                        .getattr(intern!(py, "__dict__"))
+                        .and_then(|d| d.get_item(intern!(py, "__new__")))
+                        .is_ok_and(|new| !new.hasattr(intern!(py, "__func__")).unwrap_or(false))
+                });
+                let owner = owner.unwrap_or_else(|| klass.clone().into_any());
+                return Ok(Some(owner.cast::<PyType>()?.qualname()?.to_string()));
             }
             ty = (*ty).tp_base;
         }
@@ -499,6 +505,7 @@ impl PyPacketLayout {
                  itself (the decoder makes them as object.__new__ does)"
             )));
         }
+        let slots_usable = Slot::usable(&cls)?;
         let mut compiled: Vec<Field> = Vec::with_capacity(fields.len());
         for (name, kind, code, count, limit, nested) in fields {
             let layout = || {
@@ -537,7 +544,7 @@ impl PyPacketLayout {
             }
             let field_label = format!("{label}.{name}");
             let name = PyString::intern(py, &name);
-            let slot = Slot::of(&cls, &name)?;
+            let slot = if slots_usable { Slot::of(&cls, &name)? } else { None };
             compiled.push(Field { name: name.unbind(), slot, label: field_label, wire, run });
         }
         let scalar_size = compiled
